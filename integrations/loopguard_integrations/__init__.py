@@ -1,0 +1,1 @@
+"""Adapters for frameworks loopguard does not depend on (they use only loopguard's public API)."""

@@ -1,0 +1,41 @@
+"""loopguard: keep event loops honest.
+
+See the documentation for the tutorial; this module only re-exports the public API.
+"""
+
+from ._api import current as current
+from ._api import install as install
+from ._api import uninstall as uninstall
+from ._api import watch as watch
+from ._config import Config as Config
+from ._watchdog import Watchdog as Watchdog
+from .events import Event as Event
+from .events import Frame as Frame
+from .events import StackSample as StackSample
+from .events import Stall as Stall
+from .sinks import CallbackSink as CallbackSink
+from .sinks import JsonLinesSink as JsonLinesSink
+from .sinks import LoggingSink as LoggingSink
+from .sinks import RecordingSink as RecordingSink
+from .sinks import Sink as Sink
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallbackSink",
+    "Config",
+    "Event",
+    "Frame",
+    "JsonLinesSink",
+    "LoggingSink",
+    "RecordingSink",
+    "Sink",
+    "StackSample",
+    "Stall",
+    "Watchdog",
+    "__version__",
+    "current",
+    "install",
+    "uninstall",
+    "watch",
+]

@@ -1,0 +1,137 @@
+"""The process-wide lifecycle: :func:`install`, :func:`uninstall`, :func:`watch`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from ._config import BlockingMode, Config
+from ._watchdog import Watchdog
+from .events import Event
+from .sinks import Sink
+
+__all__ = ["current", "install", "uninstall", "watch"]
+
+logger = logging.getLogger("loopguard")
+_installed: Watchdog | None = None
+_lock = threading.Lock()
+
+
+def _config(options: dict[str, object], unknown: dict[str, object]) -> Config:
+    return Config.from_options({**options, **unknown})
+
+
+def install(
+    threshold: float = 0.1,
+    interval: float | None = None,
+    *,
+    log: bool = True,
+    json: str | os.PathLike[str] | None = None,
+    callback: Callable[[Event], object] | None = None,
+    sinks: Sequence[Sink] = (),
+    record: int = 1000,
+    precise: bool = False,
+    blocking: BlockingMode = "off",
+    **unknown: NoReturn,
+) -> Watchdog:
+    """Start the process-wide watchdog; every event loop that runs is watched.
+
+    Loops that start afterwards in any thread (``asyncio.run``, ``Runner``,
+    ``new_event_loop().run_until_complete``, uvloop, ``anyio.run(backend="trio")``)
+    and the loop running in the calling thread are watched until :func:`uninstall`.
+
+    Calling ``install`` again while installed returns the same watchdog; if the
+    options differ a warning says that they were not applied (uninstall first).
+
+    Args:
+        threshold: Seconds the loop must be held to count as a stall.
+        interval: Heartbeat and sampling period (default ``min(0.02, threshold/4)``).
+        log: Log each stall as a WARNING on the ``loopguard`` logger.
+        json: Append every event as one JSON line to this file.
+        callback: Called with each event, on loopguard's sampler thread.
+        sinks: Further sinks (objects with ``emit(event)``).
+        record: How many recent events the watchdog keeps in memory.
+        precise: Per-callback timing (not available yet; accepted and noted).
+        blocking: Blocking-call guard (not available yet; accepted and noted).
+        **unknown: Rejected: any other keyword raises ``ValueError``.
+
+    Returns:
+        The running :class:`Watchdog`.
+
+    Raises:
+        ValueError: An option is unknown or invalid (the message names it).
+        OSError: The ``json`` file cannot be opened for appending.
+    """
+    global _installed
+    config = _config(
+        dict(threshold=threshold, interval=interval, log=log, json=json, callback=callback,
+             sinks=tuple(sinks), record=record, precise=precise, blocking=blocking),
+        dict(unknown),
+    )
+    with _lock:
+        if _installed is not None and _installed.running:
+            if _installed.config != config:
+                logger.warning("loopguard.install() called again with different options; "
+                               "the running watchdog is kept (call uninstall() first)")
+            return _installed
+        _installed = Watchdog(config).start()
+        return _installed
+
+
+def uninstall() -> None:
+    """Stop the process-wide watchdog and restore everything it replaced.
+
+    A no-op when nothing is installed.
+    """
+    global _installed
+    with _lock:
+        wd, _installed = _installed, None
+    if wd is not None:
+        wd.stop()
+
+
+def current() -> Watchdog | None:
+    """Return the process-wide watchdog if one is installed."""
+    return _installed if _installed is not None and _installed.running else None
+
+
+def watch(
+    threshold: float = 0.1,
+    interval: float | None = None,
+    *,
+    log: bool = False,
+    json: str | os.PathLike[str] | None = None,
+    callback: Callable[[Event], object] | None = None,
+    sinks: Sequence[Sink] = (),
+    record: int = 1000,
+    **unknown: NoReturn,
+) -> Watchdog:
+    """Return a new, independent watchdog to use as a context manager.
+
+    ``with loopguard.watch() as wd:`` watches the loop running in this thread (if
+    any) and every loop started inside the block; ``wd.stalls`` lists what it saw.
+    It runs beside a process-wide watchdog without touching it.
+
+    Args:
+        threshold: Seconds the loop must be held to count as a stall.
+        interval: Heartbeat and sampling period (default ``min(0.02, threshold/4)``).
+        log: Also log each stall (off by default in the scoped form).
+        json: Append every event as one JSON line to this file.
+        callback: Called with each event, on loopguard's sampler thread.
+        sinks: Further sinks.
+        record: How many recent events to keep in memory.
+        **unknown: Rejected: any other keyword raises ``ValueError``.
+
+    Returns:
+        A not yet started :class:`Watchdog`; ``with`` starts and stops it.
+    """
+    return Watchdog(
+        _config(
+            dict(threshold=threshold, interval=interval, log=log, json=json,
+                 callback=callback, sinks=tuple(sinks), record=record),
+            dict(unknown),
+        )
+    )

@@ -1,0 +1,116 @@
+"""Bounded statistics kept by the watchdog: the loop-delay histogram and stall summary.
+
+Both are fixed-size whatever the run length: the histogram has a fixed set of
+log-spaced buckets; the summary keeps at most ``max_culprits`` culprits.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+from .events import Frame, Stall
+
+__all__ = ["CulpritStats", "DelayHistogram", "StallSummary"]
+
+_STEPS_PER_OCTAVE = 4
+_MIN = 1e-5  # 10 µs: anything below lands in the first bucket
+_BUCKETS = 100  # up to ~ _MIN * 2**25 ≈ 335 s
+
+
+class DelayHistogram:
+    """Log-bucketed histogram of loop delay (seconds), safe to read from another thread.
+
+    Percentiles are reported as the upper bound of their bucket (within 19 %); the
+    maximum is exact.
+    """
+
+    __slots__ = ("_counts", "count", "max", "sum")
+
+    def __init__(self) -> None:
+        self._counts = [0] * _BUCKETS
+        self.count = 0
+        self.sum = 0.0
+        self.max = 0.0
+
+    def record(self, value: float) -> None:
+        """Add one observation (negative values count as zero)."""
+        if value <= _MIN:
+            index = 0
+        else:
+            index = min(_BUCKETS - 1, int(math.log2(value / _MIN) * _STEPS_PER_OCTAVE) + 1)
+        self._counts[index] += 1
+        self.count += 1
+        if value > 0:
+            self.sum += value
+            if value > self.max:
+                self.max = value
+
+    def merge(self, other: DelayHistogram) -> None:
+        """Add another histogram's observations to this one."""
+        for i, n in enumerate(other._counts):
+            self._counts[i] += n
+        self.count += other.count
+        self.sum += other.sum
+        self.max = max(self.max, other.max)
+
+    def percentile(self, q: float) -> float:
+        """Return the ``q``-th percentile (0-100) in seconds, 0.0 when empty."""
+        if not self.count:
+            return 0.0
+        rank = q / 100.0 * self.count
+        seen = 0
+        for i, n in enumerate(self._counts):
+            seen += n
+            if seen >= rank and n:
+                upper = _MIN * 2 ** (i / _STEPS_PER_OCTAVE)
+                return min(upper, self.max)
+        return self.max
+
+
+@dataclass
+class CulpritStats:
+    """Stalls attributed to one culprit."""
+
+    culprit: Frame | None
+    count: int = 0
+    total: float = 0.0
+    max: float = 0.0
+
+
+class StallSummary:
+    """Stalls grouped by culprit: count, total and longest; bounded in size.
+
+    Args:
+        max_culprits: Distinct culprits kept; later ones are grouped as "other".
+    """
+
+    def __init__(self, max_culprits: int = 200) -> None:
+        self.max_culprits = max_culprits
+        self._by: dict[Frame | None, CulpritStats] = {}
+        self._other = CulpritStats(None)
+        self._lock = threading.Lock()
+
+    def emit(self, event: object) -> None:
+        """Count a stall (other events are ignored), as a sink."""
+        if not isinstance(event, Stall):
+            return
+        with self._lock:
+            stats = self._by.get(event.culprit)
+            if stats is None:
+                if len(self._by) >= self.max_culprits:
+                    stats = self._other
+                else:
+                    stats = self._by[event.culprit] = CulpritStats(event.culprit)
+            stats.count += 1
+            stats.total += event.duration
+            stats.max = max(stats.max, event.duration)
+
+    def rows(self) -> list[CulpritStats]:
+        """Culprits by total stalled time, longest first."""
+        with self._lock:
+            rows = list(self._by.values())
+            if self._other.count:
+                rows.append(self._other)
+        return sorted(rows, key=lambda r: r.total, reverse=True)

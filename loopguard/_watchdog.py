@@ -1,0 +1,481 @@
+"""The watchdog: a heartbeat on each loop and one sampler thread per watchdog.
+
+The heartbeat is a timer on the loop (``call_later`` re-armed each tick; a system task
+on trio) that stamps ``last_tick`` and records its own lateness. The sampler thread
+sleeps until ``last_tick + threshold``; if no tick came by then, the loop is held and
+the sampler reads the loop thread's stack every ``interval`` until the heartbeat
+resumes. The loop itself then says how long it was held (the heartbeat gap), and the
+sampler emits one :class:`~loopguard.events.Stall` to the sinks.
+
+A healthy loop therefore costs one timer callback per interval and roughly one
+sampler wake per threshold; nothing runs on the loop thread per callback.
+
+Loops are found by wrapping ``run_forever`` of asyncio's ``BaseEventLoop`` and of
+``uvloop.Loop`` (every ``asyncio.run``, ``Runner``, ``run_until_complete`` goes
+through it) and ``trio.run`` (so ``anyio.run(backend="trio")`` too). The wrappers
+are installed while at least one watchdog runs and removed after the last one stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import gc
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from ._config import Config
+from ._patch import Patch, cancel_import_hook, when_imported
+from ._sampling import StackFolder, sample_thread
+from ._stats import DelayHistogram, StallSummary
+from .events import Event, Stall
+from .sinks import CallbackSink, JsonLinesSink, LoggingSink, RecordingSink, Sink, SinkSet
+
+__all__ = ["Watchdog"]
+
+logger = logging.getLogger("loopguard")
+_monotonic = time.monotonic
+
+
+class _LoopWatch:
+    """One watched loop: heartbeat state written by the loop, read by the sampler."""
+
+    __slots__ = (
+        "attached", "delay", "handle", "is_running", "kind", "last_tick", "loop",
+        "ongoing", "pending", "period", "task_name", "thread_id", "thread_name", "threshold",
+    )
+
+    def __init__(self, wd: Watchdog, loop: Any, kind: str) -> None:
+        self.loop = loop
+        self.kind = kind
+        self.period = wd.config.period
+        self.threshold = wd.config.threshold
+        self.thread_id = threading.get_ident()
+        self.thread_name = threading.current_thread().name
+        self.last_tick = _monotonic()
+        self.pending: list[tuple[float, float]] = []  # (end, gap) of long gaps, loop-written
+        self.delay = DelayHistogram()
+        self.handle: Any = None
+        self.attached = True
+        self.ongoing: _Ongoing | None = None  # sampler-only state
+        if kind == "trio":
+            self.is_running: Callable[[], bool] = lambda: self.attached
+            self.task_name: Callable[[], str | None] = lambda: None
+        else:
+            self.is_running = loop.is_running
+            self.task_name = self._asyncio_task_name
+
+    def stamp(self) -> None:
+        """Record a heartbeat (runs on the loop thread)."""
+        now = _monotonic()
+        gap = now - self.last_tick
+        self.last_tick = now
+        self.delay.record(gap - self.period)
+        if gap >= self.threshold and len(self.pending) < 64:
+            self.pending.append((now, gap))
+
+    def asyncio_tick(self) -> None:
+        """Heartbeat callback on asyncio/uvloop: stamp and re-arm."""
+        if not self.attached:
+            return
+        self.stamp()
+        self.handle = self.loop.call_later(self.period, self.asyncio_tick)
+
+    def _asyncio_task_name(self) -> str | None:
+        try:
+            task = asyncio.current_task(self.loop)
+        except Exception:
+            return None
+        return task.get_name() if task is not None else None
+
+    def take_pending(self) -> list[tuple[float, float]]:
+        items, self.pending = self.pending, []
+        return items
+
+
+class _Ongoing:
+    """A stall the sampler is watching while it lasts."""
+
+    __slots__ = ("folder", "starved", "task", "tick")
+
+    def __init__(self, tick: float) -> None:
+        self.tick = tick
+        self.folder = StackFolder()
+        self.task: str | None = None
+        self.starved = 0
+
+
+# Watchdogs that are running; the loop hooks attach each of them to every new loop.
+_running: list[Watchdog] = []
+_running_lock = threading.RLock()
+
+
+def _run_forever(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    kind = "uvloop" if type(instance).__module__.startswith("uvloop") else "asyncio"
+    watches = [w for wd in list(_running) if (w := wd._attach_safely(instance, kind))]
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        for w in watches:
+            w_wd, watch = w
+            w_wd._detach(watch)
+
+
+def _trio_run(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    if not args or not _running:
+        return wrapped(*args, **kwargs)
+    async_fn, rest = args[0], args[1:]
+    watchdogs = list(_running)
+
+    async def _with_heartbeat(*fn_args: Any) -> Any:
+        for wd in watchdogs:
+            wd._start_trio_heartbeat()
+        return await async_fn(*fn_args)
+
+    _with_heartbeat.__qualname__ = getattr(async_fn, "__qualname__", "main")
+    _with_heartbeat.__name__ = getattr(async_fn, "__name__", "main")
+    return wrapped(_with_heartbeat, *rest, **kwargs)
+
+
+_PATCHES: list[Patch] = [Patch(asyncio.BaseEventLoop, "run_forever", _run_forever)]
+
+
+def _patch_uvloop(module: ModuleType) -> None:
+    if not _running:
+        return
+    patch = Patch(module.Loop, "run_forever", _run_forever)
+    _PATCHES.append(patch)
+    patch.activate()
+
+
+def _patch_trio(module: ModuleType) -> None:
+    if not _running:
+        return
+    patch = Patch(module, "run", _trio_run)
+    _PATCHES.append(patch)
+    patch.activate()
+
+
+def _hooks_on() -> None:
+    _PATCHES[0].activate()
+    when_imported("uvloop", _patch_uvloop)
+    when_imported("trio", _patch_trio)
+
+
+def _hooks_off() -> None:
+    cancel_import_hook("uvloop", _patch_uvloop)
+    cancel_import_hook("trio", _patch_trio)
+    for patch in reversed(_PATCHES):
+        patch.deactivate()
+    del _PATCHES[1:]
+
+
+class Watchdog:
+    """Watches event loops and reports every stall with the line that caused it.
+
+    Create one with :func:`loopguard.install` (process-wide) or
+    :func:`loopguard.watch` (scoped). A started watchdog attaches to every loop that
+    starts running afterwards, in any thread, and to the loop running in the
+    thread that starts it.
+
+    Args:
+        config: Validated settings; see :class:`~loopguard.Config`.
+    """
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or Config()
+        self._recording = RecordingSink(self.config.record) if self.config.record else None
+        self.summary = StallSummary()
+        sinks: list[Sink] = [self.summary]
+        if self._recording is not None:
+            sinks.append(self._recording)
+        if self.config.log:
+            sinks.append(LoggingSink())
+        if self.config.json is not None:
+            sinks.append(JsonLinesSink(self.config.json))  # OSError here, at install
+        if self.config.callback is not None:
+            sinks.append(CallbackSink(self.config.callback))
+        sinks.extend(self.config.sinks)
+        self.sinks = SinkSet(sinks)
+        self._watches: list[_LoopWatch] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._finished_delay = DelayHistogram()
+        self.running = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> Watchdog:
+        """Start watching: hook loop start-up and attach to loops already running."""
+        with _running_lock:
+            if self.running:
+                return self
+            self.running = True
+            self._stop = False
+            if not _running:
+                _hooks_on()
+            _running.append(self)
+            _all_watchdogs.add(self)
+        for note in ("precise", "blocking"):
+            value = getattr(self.config, note)
+            if value not in (False, "off"):
+                logger.warning("loopguard: %s=%r is not available in this version; ignored",
+                               note, value)
+        self._attach_running_loops()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching, restore every patched function and close the sinks."""
+        with _running_lock:
+            if not self.running:
+                return
+            self.running = False
+            _running.remove(self)
+            if not _running:
+                _hooks_off()
+        self._stop = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        self._thread = None
+        with self._lock:
+            watches, self._watches = self._watches, []
+        for watch in watches:
+            watch.attached = False
+            self._finished_delay.merge(watch.delay)
+        self.sinks.close()
+
+    def __enter__(self) -> Watchdog:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- results -------------------------------------------------------------------
+
+    @property
+    def events(self) -> list[Event]:
+        """The most recent events (up to ``config.record``), oldest first."""
+        return self._recording.events if self._recording is not None else []
+
+    @property
+    def stalls(self) -> list[Stall]:
+        """The most recent stalls, oldest first."""
+        return self._recording.stalls if self._recording is not None else []
+
+    def delay(self) -> DelayHistogram:
+        """Loop delay (heartbeat lateness) over every loop watched so far."""
+        total = DelayHistogram()
+        total.merge(self._finished_delay)
+        with self._lock:
+            watches = list(self._watches)
+        for watch in watches:
+            total.merge(watch.delay)
+        return total
+
+    # -- attaching loops -------------------------------------------------------------
+
+    def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Attach to a running loop from another thread (thread-safe)."""
+        loop.call_soon_threadsafe(self._attach_safely, loop, _loop_kind(loop))
+
+    def _attach_safely(self, loop: Any, kind: str) -> tuple[Watchdog, _LoopWatch] | None:
+        try:
+            with self._lock:
+                if not self.running or any(w.loop is loop and w.attached for w in self._watches):
+                    return None
+                watch = _LoopWatch(self, loop, kind)
+                self._watches.append(watch)
+            if kind != "trio":
+                watch.handle = loop.call_later(watch.period, watch.asyncio_tick)
+            self._ensure_thread()
+            return self, watch
+        except Exception:
+            logger.exception("loopguard could not watch %r", loop)
+            return None
+
+    def _detach(self, watch: _LoopWatch) -> None:
+        watch.attached = False
+        if watch.handle is not None:
+            watch.handle.cancel()
+            watch.handle = None
+        with self._lock:
+            if watch in self._watches:
+                self._watches.remove(watch)
+                self._finished_delay.merge(watch.delay)
+
+    def _start_trio_heartbeat(self) -> None:
+        import trio
+
+        trio.lowlevel.spawn_system_task(self._trio_heartbeat, name="loopguard-heartbeat")
+
+    async def _trio_heartbeat(self) -> None:
+        import trio
+
+        attached = self._attach_safely(trio.lowlevel.current_trio_token(), "trio")
+        if attached is None:
+            return
+        watch = attached[1]
+        try:
+            while True:
+                await trio.sleep(watch.period)
+                watch.stamp()
+        finally:
+            self._detach(watch)
+
+    def _attach_running_loops(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            self._attach_safely(loop, _loop_kind(loop))
+        trio = sys.modules.get("trio")
+        if trio is not None:
+            try:
+                trio.lowlevel.current_trio_token()
+            except RuntimeError:
+                pass
+            else:
+                self._start_trio_heartbeat()
+        # Loops running in other threads: found once, attached from their own thread.
+        for obj in gc.get_objects():
+            if isinstance(obj, asyncio.AbstractEventLoop) and obj is not loop:
+                try:
+                    if obj.is_running() and not obj.is_closed():
+                        self.watch_loop(obj)
+                except Exception:  # noqa: S112 - a foreign loop type; not ours to judge
+                    continue
+
+    # -- sampler thread --------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop = False
+            self._thread = threading.Thread(
+                target=self._sampler_main, name="loopguard-sampler", daemon=True
+            )
+            self._thread.start()
+        else:
+            self._wake.set()
+
+    def _sampler_main(self) -> None:
+        interval = self.config.period
+        threshold = self.config.threshold
+        tolerance = max(interval, 4 * sys.getswitchinterval())
+        planned = _monotonic()
+        while not self._stop:
+            now = _monotonic()
+            starved = now - planned > tolerance
+            next_wake = now + threshold
+            with self._lock:
+                watches = list(self._watches)
+            for watch in watches:
+                try:
+                    due = self._check(watch, now, starved)
+                except Exception:
+                    logger.exception("loopguard sampler failed on %r", watch.loop)
+                    due = now + threshold
+                next_wake = min(next_wake, due)
+            planned = max(next_wake, _monotonic() + 0.001)
+            self._wake.wait(planned - _monotonic())
+            self._wake.clear()
+
+    def _check(self, watch: _LoopWatch, now: float, starved: bool) -> float:
+        """Advance one loop's stall state; return when the sampler should look again."""
+        interval, threshold = watch.period, watch.threshold
+        last_tick = watch.last_tick
+        pending = watch.take_pending()
+        ongoing = watch.ongoing
+        if ongoing is not None and last_tick != ongoing.tick:
+            watch.ongoing = None
+            end, gap = pending.pop(0) if pending else (last_tick, last_tick - ongoing.tick)
+            self._emit_stall(watch, end, gap, ongoing)
+        for end, gap in pending:  # stalls the sampler never saw (it was starved throughout)
+            self._emit_stall(watch, end, gap, None)
+        if watch.ongoing is None:
+            if now - last_tick < threshold or not watch.attached:
+                return last_tick + threshold
+            if not watch.is_running():  # a loop we joined while running has stopped
+                self._detach(watch)
+                return now + threshold
+            watch.ongoing = _Ongoing(last_tick)
+            watch.ongoing.task = watch.task_name()
+        ongoing = watch.ongoing
+        if starved:
+            ongoing.starved += 1
+        else:
+            stack = sample_thread(watch.thread_id)
+            if stack:
+                ongoing.folder.add(stack)
+        return now + interval
+
+    def _emit_stall(
+        self, watch: _LoopWatch, end: float, gap: float, ongoing: _Ongoing | None
+    ) -> None:
+        # The stall began somewhere in the heartbeat period before the gap: centre it.
+        duration = max(gap - watch.period / 2, gap - watch.period, 0.0)
+        if duration < watch.threshold - watch.period / 2:
+            return
+        folder = ongoing.folder if ongoing is not None else None
+        sampled = folder is not None and folder.total > 0
+        stall = Stall(
+            started_at=time.time() - (_monotonic() - end) - duration,
+            duration=round(duration, 6),
+            cause="blocked" if sampled else "unknown",
+            task=ongoing.task if ongoing is not None else None,
+            culprit=folder.culprit() if folder is not None else None,
+            stacks=folder.folded() if folder is not None else (),
+            samples=folder.total if folder is not None else 0,
+            thread=watch.thread_name,
+            loop=watch.kind,
+        )
+        self.sinks.emit(stall)
+
+    def _after_fork_in_child(self) -> None:
+        me = threading.get_ident()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None
+        self._watches = [w for w in self._watches if w.thread_id == me]
+        for watch in self._watches:
+            watch.ongoing = None
+        if self.running and self._watches:
+            self._ensure_thread()
+
+
+def _loop_kind(loop: object) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+_all_watchdogs: weakref.WeakSet[Watchdog] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    global _running_lock
+    _running_lock = threading.RLock()
+    for wd in list(_all_watchdogs):
+        wd._after_fork_in_child()
+
+
+def _stop_all_at_exit() -> None:
+    for wd in list(_running):
+        try:
+            wd.stop()
+        except Exception:  # noqa: S110 - never add noise at interpreter exit
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+atexit.register(_stop_all_at_exit)

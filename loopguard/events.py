@@ -1,0 +1,115 @@
+"""Events loopguard reports: frozen, JSON-serialisable dataclasses.
+
+Every event has a ``kind`` (the ``"kind"`` field of its JSON form) and a
+:meth:`to_dict` that returns plain JSON types. Events never hold frame objects or
+local variables: a stack is a tuple of :class:`Frame` (file, line, function).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+__all__ = ["Event", "Frame", "StackSample", "Stall"]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of a stack, reduced to where it points.
+
+    Attributes:
+        file: Path of the source file (as the code object names it).
+        line: Line number being executed in that frame.
+        function: Qualified function name where the interpreter provides one.
+    """
+
+    file: str
+    line: int
+    function: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line} in {self.function}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the frame as a JSON-ready mapping."""
+        return {"file": self.file, "line": self.line, "function": self.function}
+
+
+@dataclass(frozen=True)
+class StackSample:
+    """A distinct stack seen while the loop was held, with how often it was seen.
+
+    Attributes:
+        count: Number of samples that showed exactly this stack.
+        frames: The frames, outermost first and innermost last.
+    """
+
+    count: int
+    frames: tuple[Frame, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the sample as a JSON-ready mapping."""
+        return {"count": self.count, "frames": [f.to_dict() for f in self.frames]}
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base class of every loopguard event."""
+
+    kind: ClassVar[str] = "event"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the event as a JSON-ready mapping with a ``"kind"`` field first."""
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in dataclasses.fields(self):
+            out[f.name] = _jsonable(getattr(self, f.name))
+        return out
+
+
+@dataclass(frozen=True)
+class Stall(Event):
+    """The event loop was held for at least the threshold.
+
+    Attributes:
+        started_at: Wall-clock time (epoch seconds) the stall began.
+        duration: How long the loop could not run, in seconds, measured by the
+            loop's own heartbeat.
+        cause: Why the loop was held. ``"blocked"``: the loop thread was busy or
+            waiting in a call made from the loop (samples name the line).
+            ``"unobserved"``: the loop was late but no sample could be taken while
+            it was (for example C code that held the GIL the whole time).
+        task: Name of the task that was running on the loop, when known.
+        culprit: The deepest frame of user code in the most sampled stack: the
+            line that held the loop. ``None`` when nothing was sampled.
+        stacks: Distinct stacks sampled while the loop was held, most frequent
+            first, each with its count.
+        samples: Total number of samples taken during the stall.
+        thread: Name of the thread that runs the loop.
+        loop: Kind of loop: ``"asyncio"``, ``"uvloop"`` or ``"trio"``.
+        attributes: Attribution read from the running task (for example a route).
+    """
+
+    kind: ClassVar[str] = "stall"
+
+    started_at: float
+    duration: float
+    cause: str
+    task: str | None
+    culprit: Frame | None
+    stacks: tuple[StackSample, ...] = ()
+    samples: int = 0
+    thread: str = ""
+    loop: str = "asyncio"
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
