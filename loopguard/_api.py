@@ -13,7 +13,7 @@ from ._watchdog import Watchdog
 from .events import Event
 from .sinks import Sink
 
-__all__ = ["current", "install", "uninstall", "watch"]
+__all__ = ["current", "install", "install_config", "uninstall", "watch"]
 
 logger = logging.getLogger("loopguard")
 _installed: Watchdog | None = None
@@ -65,17 +65,33 @@ def install(
         ValueError: An option is unknown or invalid (the message names it).
         OSError: The ``json`` file cannot be opened for appending.
     """
-    global _installed
     config = _config(
-        dict(threshold=threshold, interval=interval, log=log, json=json, callback=callback,
-             sinks=tuple(sinks), record=record, precise=precise, blocking=blocking),
+        dict(
+            threshold=threshold,
+            interval=interval,
+            log=log,
+            json=json,
+            callback=callback,
+            sinks=tuple(sinks),
+            record=record,
+            precise=precise,
+            blocking=blocking,
+        ),
         dict(unknown),
     )
+    return install_config(config)
+
+
+def install_config(config: Config) -> Watchdog:
+    """Like :func:`install`, with a ready :class:`Config` (e.g. ``Config.from_env()``)."""
+    global _installed
     with _lock:
         if _installed is not None and _installed.running:
             if _installed.config != config:
-                logger.warning("loopguard.install() called again with different options; "
-                               "the running watchdog is kept (call uninstall() first)")
+                logger.warning(
+                    "loopguard.install() called again with different options; "
+                    "the running watchdog is kept (call uninstall() first)"
+                )
             return _installed
         _installed = Watchdog(config).start()
         return _installed
@@ -130,8 +146,15 @@ def watch(
     """
     return Watchdog(
         _config(
-            dict(threshold=threshold, interval=interval, log=log, json=json,
-                 callback=callback, sinks=tuple(sinks), record=record),
+            dict(
+                threshold=threshold,
+                interval=interval,
+                log=log,
+                json=json,
+                callback=callback,
+                sinks=tuple(sinks),
+                record=record,
+            ),
             dict(unknown),
         )
     )

@@ -74,8 +74,11 @@ class Patch:
             return
         self.active = False
         if vars(self.owner).get(self.name) is not self._installed:
-            logger.debug("%s.%s was wrapped again after loopguard; leaving a pass-through",
-                         getattr(self.owner, "__name__", self.owner), self.name)
+            logger.debug(
+                "%s.%s was wrapped again after loopguard; leaving a pass-through",
+                getattr(self.owner, "__name__", self.owner),
+                self.name,
+            )
             return
         if self._own is _MISSING:
             delattr(self.owner, self.name)

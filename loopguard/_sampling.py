@@ -135,5 +135,5 @@ class StackFolder:
         """Return the culprit of the most sampled stack, if any was sampled."""
         if not self._counts:
             return None
-        (stack, _), = self._counts.most_common(1)
+        ((stack, _),) = self._counts.most_common(1)
         return culprit_of(stack)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import gc
 import logging
 import os
@@ -48,8 +49,20 @@ class _LoopWatch:
     """One watched loop: heartbeat state written by the loop, read by the sampler."""
 
     __slots__ = (
-        "attached", "delay", "handle", "is_running", "kind", "last_tick", "loop",
-        "ongoing", "pending", "period", "task_name", "thread_id", "thread_name", "threshold",
+        "attached",
+        "delay",
+        "handle",
+        "is_running",
+        "kind",
+        "last_tick",
+        "loop",
+        "ongoing",
+        "pending",
+        "period",
+        "task_name",
+        "thread_id",
+        "thread_name",
+        "threshold",
     )
 
     def __init__(self, wd: Watchdog, loop: Any, kind: str) -> None:
@@ -228,8 +241,9 @@ class Watchdog:
         for note in ("precise", "blocking"):
             value = getattr(self.config, note)
             if value not in (False, "off"):
-                logger.warning("loopguard: %s=%r is not available in this version; ignored",
-                               note, value)
+                logger.warning(
+                    "loopguard: %s=%r is not available in this version; ignored", note, value
+                )
         self._attach_running_loops()
         return self
 
@@ -354,7 +368,7 @@ class Watchdog:
                 try:
                     if obj.is_running() and not obj.is_closed():
                         self.watch_loop(obj)
-                except Exception:  # noqa: S112 - a foreign loop type; not ours to judge
+                except Exception:
                     continue
 
     # -- sampler thread --------------------------------------------------------------
@@ -470,10 +484,8 @@ def _after_fork() -> None:
 
 def _stop_all_at_exit() -> None:
     for wd in list(_running):
-        try:
+        with contextlib.suppress(Exception):
             wd.stop()
-        except Exception:  # noqa: S110 - never add noise at interpreter exit
-            pass
 
 
 if hasattr(os, "register_at_fork"):

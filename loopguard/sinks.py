@@ -8,8 +8,10 @@ the watched program never sees the exception.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,14 +43,18 @@ class Sink(Protocol):
 def format_stall(stall: Stall, *, max_frames: int = 12) -> str:
     """Render a stall for humans: the culprit first, then the most sampled stack.
 
+    Frames of the event loop, the standard library and loopguard above the culprit
+    are folded into one line; frames below the culprit (what it was calling) are
+    shown. Paths under the current directory are shown relative to it.
+
     Args:
         stall: The stall to describe.
-        max_frames: How many innermost frames of the stack to show.
+        max_frames: How many frames of the stack to show at most.
 
     Returns:
         A multi-line string without a trailing newline.
     """
-    where = str(stall.culprit) if stall.culprit else "no sample taken while it was held"
+    where = _where(stall.culprit) if stall.culprit else "no sample taken while it was held"
     task = f" in task {stall.task!r}" if stall.task else ""
     head = (
         f"event loop blocked for {stall.duration * 1000:.0f} ms{task} "
@@ -58,28 +64,51 @@ def format_stall(stall: Stall, *, max_frames: int = 12) -> str:
     if stall.stacks:
         top = stall.stacks[0]
         lines.append(f"  stack ({top.count} of {stall.samples} samples), innermost last:")
-        frames = top.frames[-max_frames:]
-        if len(top.frames) > len(frames):
-            lines.append(f"    ... {len(top.frames) - len(frames)} outer frames")
-        lines.extend(f"    {_frame_line(f, f == stall.culprit)}" for f in frames)
+        lines.extend(f"    {text}" for text in _stack_lines(top.frames, stall.culprit, max_frames))
     return "\n".join(lines)
 
 
-def _frame_line(frame: Frame, is_culprit: bool) -> str:
-    return f"{frame}{'   <-- culprit' if is_culprit else ''}"
+def _where(frame: Frame) -> str:
+    return f"{_short(frame.file)}:{frame.line} in {frame.function}"
+
+
+def _short(path: str) -> str:
+    here = os.getcwd() + os.sep
+    return path[len(here) :] if path.startswith(here) else path
+
+
+def _stack_lines(frames: tuple[Frame, ...], culprit: Frame | None, limit: int) -> list[str]:
+    from ._sampling import PLUMBING, classify
+
+    cut = frames.index(culprit) if culprit in frames else len(frames) - 1
+    out: list[str] = []
+    hidden = 0
+    for i, frame in enumerate(frames):
+        if i < cut and classify(frame.file) == PLUMBING:
+            hidden += 1
+            continue
+        if hidden:
+            out.append(f"... {hidden} frame(s) of the event loop / stdlib / loopguard")
+            hidden = 0
+        out.append(_where(frame) + ("   <-- culprit" if i == cut and culprit else ""))
+    if len(out) > limit:
+        out = [f"... {len(out) - limit} more frame(s)", *out[-limit:]]
+    return out
 
 
 class LoggingSink:
-    """Logs one WARNING per stall; repeats of a culprit are rate-limited.
+    """Logs one WARNING per stall; repeats of a culprit are shortened, then rate-limited.
 
-    The first stall of a culprit is logged in full. Further stalls of the same
-    culprit within ``window`` seconds are counted, not logged, and the next log line
-    for that culprit says how many were folded into it. At most ``max_culprits``
-    culprits are tracked (least recently seen forgotten first), so memory is bounded.
+    The first stall of a culprit in a ``window`` is logged in full (culprit, then the
+    stack). The next ``repeats`` stalls of the same culprit in that window get one
+    short line each; further ones are only counted, and the next line logged for that
+    culprit says how many were left out. At most ``max_culprits`` culprits are
+    remembered (least recently seen forgotten first), so memory is bounded.
 
     Args:
         logger: The logger to write to (default ``logging.getLogger("loopguard")``).
-        window: Seconds during which a culprit is logged at most once.
+        window: Seconds over which a culprit's reports are limited.
+        repeats: Short lines per culprit per window after the full report.
         max_culprits: Culprits remembered for rate limiting.
     """
 
@@ -88,13 +117,14 @@ class LoggingSink:
         logger: logging.Logger | None = None,
         *,
         window: float = 60.0,
+        repeats: int = 3,
         max_culprits: int = 1000,
     ) -> None:
         self.logger = logger or logging.getLogger("loopguard")
         self.window = window
+        self.repeats = repeats
         self.max_culprits = max_culprits
-        # culprit key -> [last logged (monotonic), suppressed count, suppressed seconds]
-        self._seen: collections.OrderedDict[object, list[float]] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[object, _Rate] = collections.OrderedDict()
 
     def emit(self, event: Event) -> None:
         """Log a stall (other events are logged as their JSON form)."""
@@ -103,20 +133,44 @@ class LoggingSink:
             return
         key = (event.culprit.file, event.culprit.line) if event.culprit else None
         now = time.monotonic()
-        state = self._seen.get(key)
-        if state is not None and now - state[0] < self.window:
-            state[1] += 1
-            state[2] += event.duration
+        rate = self._seen.get(key)
+        if rate is None or now - rate.since >= self.window:
+            left_out = (
+                f" (+{rate.dropped} more stalls here not logged)" if rate and rate.dropped else ""
+            )
+            rate = self._seen[key] = _Rate(now)
             self._seen.move_to_end(key)
+            while len(self._seen) > self.max_culprits:
+                self._seen.popitem(last=False)
+            self.logger.warning("%s%s", format_stall(event), left_out)
             return
-        suffix = ""
-        if state is not None and state[1]:
-            suffix = f"\n  (+{int(state[1])} earlier stalls here not logged, {state[2]:.2f} s)"
-        self._seen[key] = [now, 0, 0.0]
         self._seen.move_to_end(key)
-        while len(self._seen) > self.max_culprits:
-            self._seen.popitem(last=False)
-        self.logger.warning("%s%s", format_stall(event), suffix)
+        rate.count += 1
+        if rate.count > self.repeats:
+            rate.dropped += 1
+            return
+        where = _where(event.culprit) if event.culprit else "no sample taken"
+        last = (
+            " (further repeats in this window are counted, not logged)"
+            if rate.count == self.repeats
+            else ""
+        )
+        self.logger.warning(
+            "event loop blocked for %.0f ms again: %s (repeat %d)%s",
+            event.duration * 1000,
+            where,
+            rate.count,
+            last,
+        )
+
+
+class _Rate:
+    __slots__ = ("count", "dropped", "since")
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+        self.count = 0
+        self.dropped = 0
 
 
 class JsonLinesSink:
@@ -130,7 +184,7 @@ class JsonLinesSink:
         path: File to append to (created if missing).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._file: IO[str] | None = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         self._lock = threading.Lock()
@@ -226,10 +280,8 @@ class SinkSet:
             except Exception:
                 self.sinks.remove(sink)
                 self.disabled.append(sink)
-                try:
+                with contextlib.suppress(Exception):
                     logger.exception("loopguard sink %r raised; it is disabled", sink)
-                except Exception:  # noqa: S110 - logging itself failed; nothing left to tell
-                    pass
 
     def close(self) -> None:
         """Close every sink that has a ``close`` method; errors are logged."""

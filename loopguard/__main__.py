@@ -1,0 +1,7 @@
+"""``python -m loopguard``: the same as the ``loopguard`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

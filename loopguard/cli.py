@@ -1,0 +1,218 @@
+"""The ``loopguard`` command: ``run`` a program under the watchdog, ``demo``, ``report``.
+
+``loopguard run -- CMD`` needs no change to the program: it puts loopguard's start-up
+hook (a ``sitecustomize``) first on ``PYTHONPATH`` and passes the settings as
+``LOOPGUARD_*`` variables, then replaces itself with CMD. Every Python process CMD
+starts installs the watchdog at interpreter start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ._config import Config
+
+__all__ = ["main"]
+
+_BOOTSTRAP_DIR = str(Path(__file__).resolve().parent / "_bootstrap")
+
+_RUN_EPILOG = """\
+examples:
+  loopguard run -- python app.py
+  loopguard run --threshold 0.05 --json stalls.jsonl -- uvicorn app:app
+  loopguard run -- python -m mypackage
+
+Every option can also be set with an environment variable: LOOPGUARD_THRESHOLD,
+LOOPGUARD_INTERVAL, LOOPGUARD_JSON, LOOPGUARD_BLOCKING, LOOPGUARD_PRECISE, LOOPGUARD_LOG.
+Each stall is reported on stderr when it ends; a summary is printed at exit.
+"""
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loopguard",
+        description="Find the line that blocks your event loop, while it blocks.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run a command with the watchdog installed in every Python process it starts",
+        description="Run CMD with the loopguard watchdog installed from interpreter start.",
+        epilog=_RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "--threshold",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="seconds the loop must be held to report a stall (default 0.1)",
+    )
+    run.add_argument(
+        "--interval",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="heartbeat and sampling period (default min(0.02, threshold/4))",
+    )
+    run.add_argument(
+        "--json",
+        metavar="FILE",
+        default=None,
+        help="append one JSON object per event per line to FILE",
+    )
+    run.add_argument(
+        "--blocking",
+        choices=("off", "warn", "raise"),
+        default=None,
+        help="blocking-call guard mode (default off)",
+    )
+    run.add_argument(
+        "--precise", action="store_true", help="time every callback (pure-Python loops)"
+    )
+    run.add_argument("--no-summary", action="store_true", help="print no summary at exit")
+    run.add_argument(
+        "cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the command to run"
+    )
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a small service that stalls its loop and show what loopguard reports",
+        description="Run a self-contained demo service under `loopguard run` (about 10 s).",
+    )
+    demo.add_argument("--json", metavar="FILE", default=None, help="also write events to FILE")
+
+    report = sub.add_parser(
+        "report",
+        help="summarise a JSON-lines file written by `loopguard run --json`",
+        description="Group the stalls of a --json file by culprit.",
+    )
+    report.add_argument("file", help="the JSON-lines file")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``loopguard`` command; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run(parser, args)
+    if args.command == "demo":
+        return _demo(args)
+    return _report(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        parser.error("run: missing the command to run (loopguard run [OPTIONS] -- CMD [ARGS...])")
+    env = dict(os.environ)
+    settings = {
+        "THRESHOLD": args.threshold,
+        "INTERVAL": args.interval,
+        "BLOCKING": args.blocking,
+        "PRECISE": "1" if args.precise else None,
+    }
+    if args.json is not None:
+        path = Path(args.json).resolve()
+        try:
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            parser.error(f"run: cannot write --json file {args.json!r}: {exc.strerror or exc}")
+        settings["JSON"] = str(path)
+    for key, value in settings.items():
+        if value is not None:
+            env["LOOPGUARD_" + key] = str(value)
+    if args.no_summary:
+        env["LOOPGUARD_SUMMARY"] = "0"
+    try:  # the same validation the child applies, so a bad setting fails here
+        Config.from_env(env)
+    except ValueError as exc:
+        parser.error(f"run: {exc}")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [_BOOTSTRAP_DIR, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    )
+    exe = shutil.which(cmd[0], path=env.get("PATH"))
+    if exe is None:
+        sys.stderr.write(f"loopguard: command not found: {cmd[0]}\n")
+        return 127
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(exe, cmd, env)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    run = [sys.executable, "-m", "loopguard", "run"]
+    if args.json:
+        run += ["--json", args.json]
+    run += ["--", sys.executable, "-m", "loopguard._demo"]
+    return subprocess.call(run)
+
+
+def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from ._stats import StallSummary
+    from .events import Frame, Stall
+
+    summary = StallSummary(max_culprits=1000)
+    kinds: dict[str, int] = {}
+    try:
+        with open(args.file, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    data = json.loads(line)
+                except json.JSONDecodeError:
+                    parser.error(f"report: {args.file}:{number} is not a JSON line")
+                kind = data.get("kind", "?")
+                kinds[kind] = kinds.get(kind, 0) + 1
+                if kind == "stall":
+                    c = data.get("culprit")
+                    summary.emit(
+                        Stall(
+                            started_at=data.get("started_at", 0.0),
+                            duration=float(data.get("duration", 0.0)),
+                            cause=data.get("cause", ""),
+                            task=data.get("task"),
+                            culprit=Frame(c["file"], c["line"], c["function"]) if c else None,
+                        )
+                    )
+    except OSError as exc:
+        parser.error(f"report: cannot read {args.file!r}: {exc.strerror or exc}")
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no events"
+    print(f"{args.file}: {counts}")
+    rows = summary.rows()
+    if rows:
+        print(f"  {'count':>5}  {'total':>8}  {'max':>8}  culprit")
+        for r in rows:
+            where = str(r.culprit) if r.culprit else "(not sampled)"
+            print(f"  {r.count:>5}  {r.total:>7.3f}s  {r.max:>7.3f}s  {where}")
+    return 0
