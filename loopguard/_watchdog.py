@@ -51,6 +51,7 @@ class _LoopWatch:
     __slots__ = (
         "attached",
         "delay",
+        "detached_at",
         "handle",
         "is_running",
         "kind",
@@ -77,6 +78,7 @@ class _LoopWatch:
         self.delay = DelayHistogram()
         self.handle: Any = None
         self.attached = True
+        self.detached_at = 0.0
         self.ongoing: _Ongoing | None = None  # sampler-only state
         if kind == "trio":
             self.is_running: Callable[[], bool] = lambda: self.attached
@@ -234,9 +236,9 @@ class Watchdog:
                 return self
             self.running = True
             self._stop = False
-            if not _running:
-                _hooks_on()
             _running.append(self)
+            if len(_running) == 1:
+                _hooks_on()
             _all_watchdogs.add(self)
         for note in ("precise", "blocking"):
             value = getattr(self.config, note)
@@ -319,10 +321,15 @@ class Watchdog:
             return None
 
     def _detach(self, watch: _LoopWatch) -> None:
+        # The sampler drops the watch after reporting what it still holds.
+        watch.detached_at = _monotonic()
         watch.attached = False
         if watch.handle is not None:
             watch.handle.cancel()
             watch.handle = None
+        self._wake.set()
+
+    def _forget(self, watch: _LoopWatch) -> None:
         with self._lock:
             if watch in self._watches:
                 self._watches.remove(watch)
@@ -409,20 +416,28 @@ class Watchdog:
         """Advance one loop's stall state; return when the sampler should look again."""
         interval, threshold = watch.period, watch.threshold
         last_tick = watch.last_tick
+        attached = watch.attached
         pending = watch.take_pending()
         ongoing = watch.ongoing
-        if ongoing is not None and last_tick != ongoing.tick:
+        if ongoing is not None and (last_tick != ongoing.tick or not attached):
             watch.ongoing = None
-            end, gap = pending.pop(0) if pending else (last_tick, last_tick - ongoing.tick)
+            if pending:
+                end, gap = pending.pop(0)
+            else:  # the loop stopped before its heartbeat could run again
+                end = watch.detached_at or last_tick
+                gap = end - ongoing.tick
             self._emit_stall(watch, end, gap, ongoing)
         for end, gap in pending:  # stalls the sampler never saw (it was starved throughout)
             self._emit_stall(watch, end, gap, None)
+        if not attached:
+            self._forget(watch)
+            return now + threshold
         if watch.ongoing is None:
-            if now - last_tick < threshold or not watch.attached:
+            if now - last_tick < threshold:
                 return last_tick + threshold
             if not watch.is_running():  # a loop we joined while running has stopped
                 self._detach(watch)
-                return now + threshold
+                return now
             watch.ongoing = _Ongoing(last_tick)
             watch.ongoing.task = watch.task_name()
         ongoing = watch.ongoing

@@ -1,0 +1,32 @@
+"""Shared helpers for loopguard's own tests: blocking functions with known lines."""
+
+from __future__ import annotations
+
+import time
+
+
+def line_of(marker: str, path: str = __file__) -> int:
+    """Return the 1-based line number of the line that contains ``marker``."""
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if marker in line and "line_of(" not in line:
+                return number
+    raise AssertionError(f"marker {marker!r} not in {path}")
+
+
+def sleepy(seconds: float) -> None:
+    """Block in a C call that releases the GIL."""
+    time.sleep(seconds)  # MARK:sleepy
+
+
+def spin(seconds: float) -> int:
+    """Block in pure Python."""
+    deadline = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < deadline:  # MARK:spin
+        n += 1  # MARK:spin2
+    return n
+
+
+SLEEPY_LINE = line_of("MARK:sleepy")
+SPIN_LINES = {line_of("MARK:spin"), line_of("MARK:spin2")}
