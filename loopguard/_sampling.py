@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import sysconfig
+import threading
 from collections import Counter
 from collections.abc import Iterable
 from functools import lru_cache
@@ -22,7 +23,15 @@ from types import FrameType
 
 from .events import Frame, StackSample
 
-__all__ = ["MAX_DEPTH", "MAX_STACKS", "StackFolder", "capture", "culprit_of"]
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_STACKS",
+    "StackFolder",
+    "callback_frames",
+    "capture",
+    "culprit_of",
+    "is_idle",
+]
 
 #: Frames kept per sample (the innermost ones: that is where the culprit is).
 MAX_DEPTH = 64
@@ -89,13 +98,66 @@ def capture(frame: FrameType | None, max_depth: int = MAX_DEPTH) -> tuple[Frame,
     return tuple(out)
 
 
-def sample_thread(thread_id: int) -> tuple[Frame, ...] | None:
-    """Sample the current stack of another thread, or ``None`` if it is gone."""
+def sample_threads(
+    thread_id: int, others_if_idle: bool = True
+) -> tuple[tuple[Frame, ...], dict[int, tuple[Frame, ...]] | None]:
+    """Sample another thread's stack; if it is idle, also every other thread's.
+
+    Returns:
+        The thread's stack (empty if it is gone) and, when that stack shows an idle
+        loop and ``others_if_idle`` is set, the stacks of all other threads.
+    """
     frames = sys._current_frames()
     try:
-        return capture(frames.get(thread_id))
+        stack = capture(frames.get(thread_id))
+        others = None
+        if others_if_idle and is_idle(stack):
+            me = threading.get_ident()
+            others = {i: capture(f) for i, f in frames.items() if i not in (thread_id, me)}
+        return stack, others
     finally:
         del frames
+
+
+_WATCHDOG_FILE = os.path.join(_PACKAGE_DIR, "_watchdog.py")
+
+
+def _is_dispatch(frame: Frame) -> bool:
+    # The frame below which the loop runs callbacks: loopguard's run_forever wrapper
+    # (asyncio, uvloop) or trio's run loop.
+    if frame.function == "_run_forever":
+        return os.path.abspath(frame.file) == _WATCHDOG_FILE
+    return frame.function == "unrolled_run" and frame.file.endswith(
+        os.path.join("trio", "_core", "_run.py")
+    )
+
+
+def callback_frames(stack: tuple[Frame, ...]) -> tuple[Frame, ...]:
+    """Return the part of a loop thread's stack run by the loop (below its dispatch).
+
+    Frames above the dispatch (``asyncio.run(main())`` and its callers) never
+    explain a stall. When no dispatch frame is found the whole stack is returned.
+    """
+    for i in range(len(stack) - 1, -1, -1):
+        if _is_dispatch(stack[i]):
+            return stack[i + 1 :]
+    return stack
+
+
+_WAITS = frozenset({"select", "poll", "control", "get_events", "_run_once", "run_forever"})
+
+
+def is_idle(stack: tuple[Frame, ...]) -> bool:
+    """True when the loop thread's stack shows no user or library code in a callback.
+
+    That is a loop waiting in ``select()`` (or for the GIL to come back from it).
+    """
+    if not stack:
+        return True
+    if any(_is_dispatch(f) for f in stack):
+        return all(classify(f.file) == PLUMBING for f in callback_frames(stack))
+    inner = stack[-1]
+    return classify(inner.file) == PLUMBING and inner.function.rsplit(".", 1)[-1] in _WAITS
 
 
 def culprit_of(stack: Iterable[Frame]) -> Frame | None:
@@ -136,4 +198,8 @@ class StackFolder:
         if not self._counts:
             return None
         ((stack, _),) = self._counts.most_common(1)
-        return culprit_of(stack)
+        return culprit_of(callback_frames(stack)) or culprit_of(stack)
+
+    def top(self) -> tuple[Frame, ...]:
+        """The most sampled stack (empty if nothing was sampled)."""
+        return self._counts.most_common(1)[0][0] if self._counts else ()

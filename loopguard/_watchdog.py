@@ -32,11 +32,12 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from ._causes import DUMP, CpuClocks, CpuSnapshot, diagnose
 from ._config import Config
 from ._patch import Patch, cancel_import_hook, when_imported
-from ._sampling import StackFolder, sample_thread
+from ._sampling import StackFolder, sample_threads
 from ._stats import DelayHistogram, StallSummary
-from .events import Event, Stall
+from .events import Event, Frame, Stall
 from .sinks import CallbackSink, JsonLinesSink, LoggingSink, RecordingSink, Sink, SinkSet
 
 __all__ = ["Watchdog"]
@@ -118,11 +119,13 @@ class _LoopWatch:
 class _Ongoing:
     """A stall the sampler is watching while it lasts."""
 
-    __slots__ = ("folder", "starved", "task", "tick")
+    __slots__ = ("before", "folder", "others", "starved", "task", "tick")
 
-    def __init__(self, tick: float) -> None:
+    def __init__(self, tick: float, before: CpuSnapshot | None) -> None:
         self.tick = tick
+        self.before = before  # CPU clocks at the sampler's last wake before the stall
         self.folder = StackFolder()
+        self.others: dict[int, tuple[Frame, ...]] | None = None
         self.task: str | None = None
         self.starved = 0
 
@@ -178,8 +181,12 @@ def _patch_trio(module: ModuleType) -> None:
     patch.activate()
 
 
+_DUMP = DUMP
+
+
 def _hooks_on() -> None:
     _PATCHES[0].activate()
+    _DUMP.start()
     when_imported("uvloop", _patch_uvloop)
     when_imported("trio", _patch_trio)
 
@@ -190,6 +197,7 @@ def _hooks_off() -> None:
     for patch in reversed(_PATCHES):
         patch.deactivate()
     del _PATCHES[1:]
+    _DUMP.stop()
 
 
 class Watchdog:
@@ -225,6 +233,10 @@ class Watchdog:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._finished_delay = DelayHistogram()
+        self._clocks = CpuClocks()
+        self._snapshot: CpuSnapshot | None = None
+        self._dump: tuple[float, dict[int, tuple[Frame, ...]]] | None = None
+        self._dump_seq = 0
         self.running = False
 
     # -- lifecycle -----------------------------------------------------------------
@@ -398,21 +410,36 @@ class Watchdog:
         while not self._stop:
             now = _monotonic()
             starved = now - planned > tolerance
+            _DUMP.poll()
+            if _DUMP.seq != self._dump_seq:
+                self._dump_seq = _DUMP.seq
+                self._dump = (now, _DUMP.latest)
+            snapshot = self._clocks.snapshot()
             next_wake = now + threshold
             with self._lock:
                 watches = list(self._watches)
             for watch in watches:
                 try:
-                    due = self._check(watch, now, starved)
+                    due = self._check(watch, now, starved, snapshot)
                 except Exception:
                     logger.exception("loopguard sampler failed on %r", watch.loop)
                     due = now + threshold
                 next_wake = min(next_wake, due)
-            planned = max(next_wake, _monotonic() + 0.001)
-            self._wake.wait(planned - _monotonic())
+            self._snapshot = snapshot
+            if not watches:
+                _DUMP.disarm()
+                self._wake.wait()
+                planned = _monotonic()
+            else:
+                planned = max(next_wake, _monotonic() + 0.001)
+                # If this thread cannot run by then, someone holds the GIL: dump stacks.
+                _DUMP.arm(planned - now + interval / 2)
+                self._wake.wait(planned - _monotonic())
             self._wake.clear()
 
-    def _check(self, watch: _LoopWatch, now: float, starved: bool) -> float:
+    def _check(
+        self, watch: _LoopWatch, now: float, starved: bool, snapshot: CpuSnapshot | None
+    ) -> float:
         """Advance one loop's stall state; return when the sampler should look again."""
         interval, threshold = watch.period, watch.threshold
         last_tick = watch.last_tick
@@ -426,9 +453,9 @@ class Watchdog:
             else:  # the loop stopped before its heartbeat could run again
                 end = watch.detached_at or last_tick
                 gap = end - ongoing.tick
-            self._emit_stall(watch, end, gap, ongoing)
+            self._emit_stall(watch, end, gap, ongoing, snapshot)
         for end, gap in pending:  # stalls the sampler never saw (it was starved throughout)
-            self._emit_stall(watch, end, gap, None)
+            self._emit_stall(watch, end, gap, None, snapshot)
         if not attached:
             self._forget(watch)
             return now + threshold
@@ -438,36 +465,64 @@ class Watchdog:
             if not watch.is_running():  # a loop we joined while running has stopped
                 self._detach(watch)
                 return now
-            watch.ongoing = _Ongoing(last_tick)
+            watch.ongoing = _Ongoing(last_tick, self._snapshot)
             watch.ongoing.task = watch.task_name()
         ongoing = watch.ongoing
         if starved:
             ongoing.starved += 1
         else:
-            stack = sample_thread(watch.thread_id)
+            stack, others = sample_threads(watch.thread_id)
             if stack:
                 ongoing.folder.add(stack)
+            if others is not None:
+                ongoing.others = others
         return now + interval
 
     def _emit_stall(
-        self, watch: _LoopWatch, end: float, gap: float, ongoing: _Ongoing | None
+        self,
+        watch: _LoopWatch,
+        end: float,
+        gap: float,
+        ongoing: _Ongoing | None,
+        after: CpuSnapshot | None,
     ) -> None:
         # The stall began somewhere in the heartbeat period before the gap: centre it.
         duration = max(gap - watch.period / 2, gap - watch.period, 0.0)
         if duration < watch.threshold - watch.period / 2:
             return
-        folder = ongoing.folder if ongoing is not None else None
-        sampled = folder is not None and folder.total > 0
+        dump = None
+        if self._dump is not None and self._dump[0] >= end - gap:
+            dump, self._dump = self._dump[1], None
+        before = ongoing.before if ongoing is not None else self._snapshot
+        own = frozenset(
+            i
+            for snap in (before, after)
+            if snap
+            for i, n in snap.names.items()
+            if n.startswith("loopguard-")
+        )
+        found = diagnose(
+            loop_ident=watch.thread_id,
+            duration=duration,
+            folder=ongoing.folder if ongoing is not None else None,
+            before=before,
+            after=after,
+            dump=dump,
+            others=ongoing.others if ongoing is not None else None,
+            exclude=own,
+        )
         stall = Stall(
             started_at=time.time() - (_monotonic() - end) - duration,
             duration=round(duration, 6),
-            cause="blocked" if sampled else "unknown",
+            cause=found.cause,
             task=ongoing.task if ongoing is not None else None,
-            culprit=folder.culprit() if folder is not None else None,
-            stacks=folder.folded() if folder is not None else (),
-            samples=folder.total if folder is not None else 0,
+            culprit=found.culprit,
+            stacks=found.stacks,
+            samples=ongoing.folder.total if ongoing is not None else 0,
             thread=watch.thread_name,
             loop=watch.kind,
+            hog=found.hog,
+            loop_cpu=found.loop_cpu,
         )
         self.sinks.emit(stall)
 

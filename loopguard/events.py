@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["Event", "Frame", "StackSample", "Stall"]
+__all__ = ["Event", "Frame", "Hog", "StackSample", "Stall"]
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,14 @@ class Stall(Event):
         started_at: Wall-clock time (epoch seconds) the stall began.
         duration: How long the loop could not run, in seconds, measured by the
             loop's own heartbeat.
-        cause: Why the loop was held. ``"blocked"``: the loop thread was busy or
-            waiting in a call made from the loop (samples name the line).
-            ``"unobserved"``: the loop was late but no sample could be taken while
-            it was (for example C code that held the GIL the whole time).
+        cause: Why the loop was held. ``"blocked"``: the loop thread ran Python
+            code or waited in a call that releases the GIL (sleep, I/O, a lock);
+            samples name the line. ``"c-held-gil"``: the loop thread ran C code that
+            held the GIL (a catastrophic regex, a C extension); the line that called
+            into C comes from a traceback dump that needs no GIL. ``"gil"``: the
+            loop was idle but could not run because another thread held the GIL;
+            :attr:`hog` names that thread. ``"unknown"``: the loop was late but
+            nothing could be observed.
         task: Name of the task that was running on the loop, when known.
         culprit: The deepest frame of user code in the most sampled stack: the
             line that held the loop. ``None`` when nothing was sampled.
@@ -89,6 +93,9 @@ class Stall(Event):
         thread: Name of the thread that runs the loop.
         loop: Kind of loop: ``"asyncio"``, ``"uvloop"`` or ``"trio"``.
         attributes: Attribution read from the running task (for example a route).
+        hog: For ``cause="gil"``: the thread that held the GIL, with its stack.
+        loop_cpu: Share of the stall the loop thread spent on the CPU (0 to 1), when
+            the platform has per-thread CPU clocks.
     """
 
     kind: ClassVar[str] = "stall"
@@ -103,6 +110,31 @@ class Stall(Event):
     thread: str = ""
     loop: str = "asyncio"
     attributes: Mapping[str, str] = field(default_factory=dict)
+    hog: Hog | None = None
+    loop_cpu: float | None = None
+
+
+@dataclass(frozen=True)
+class Hog:
+    """Another thread that held the GIL while the loop waited for it.
+
+    Attributes:
+        thread: The thread's name.
+        frames: Its stack while it held the GIL, innermost last.
+        cpu: CPU seconds it used over the stall, when known.
+    """
+
+    thread: str
+    frames: tuple[Frame, ...]
+    cpu: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the hog as a JSON-ready mapping."""
+        return {
+            "thread": self.thread,
+            "frames": [f.to_dict() for f in self.frames],
+            "cpu": self.cpu,
+        }
 
 
 def _jsonable(value: Any) -> Any:

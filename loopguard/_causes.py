@@ -1,0 +1,340 @@
+"""Telling stall causes apart: thread CPU clocks and a traceback dump that needs no GIL.
+
+Two instruments, both cheap enough to run on every sampler wake:
+
+* :class:`CpuClocks` reads each Python thread's CPU clock
+  (``time.pthread_getcpuclockid``). Comparing two readings says whether the loop
+  thread was computing (CPU ≈ wall time) or waiting, and which other thread burned
+  the CPU meanwhile (the GIL hog).
+* :class:`GilFreeDump` arms ``faulthandler.dump_traceback_later`` a little beyond the
+  sampler's next planned wake. If the sampler cannot run by then, because a thread
+  holds the GIL in C code, faulthandler's own C thread writes every thread's Python
+  stack to a private file without taking the GIL. The sampler parses it afterwards.
+  If anyone else uses ``dump_traceback_later`` (pytest's ``faulthandler_timeout``,
+  the application itself), loopguard steps aside until they cancel it.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from typing import IO, Any
+
+from ._patch import Patch
+from ._sampling import PLUMBING, StackFolder, callback_frames, classify, culprit_of, is_idle
+from .events import Frame, Hog, StackSample
+
+__all__ = [
+    "DUMP",
+    "CpuClocks",
+    "CpuSnapshot",
+    "Diagnosis",
+    "GilFreeDump",
+    "diagnose",
+    "parse_dump",
+]
+
+logger = logging.getLogger("loopguard")
+
+_HAS_CPU_CLOCKS = hasattr(time, "pthread_getcpuclockid")
+
+
+class CpuSnapshot:
+    """CPU seconds per thread ident at one moment (monotonic ``at``)."""
+
+    __slots__ = ("at", "cpu", "names")
+
+    def __init__(self, at: float, cpu: dict[int, float], names: dict[int, str]) -> None:
+        self.at = at
+        self.cpu = cpu
+        self.names = names
+
+
+class CpuClocks:
+    """Reads the CPU clock of every live Python thread."""
+
+    available = _HAS_CPU_CLOCKS
+
+    def snapshot(self) -> CpuSnapshot | None:
+        """Return the CPU time of each thread now, or ``None`` where unsupported."""
+        if not _HAS_CPU_CLOCKS:
+            return None
+        cpu: dict[int, float] = {}
+        names: dict[int, str] = {}
+        for thread in threading.enumerate():
+            ident = thread.ident
+            if ident is None:
+                continue
+            try:
+                cpu[ident] = time.clock_gettime(time.pthread_getcpuclockid(ident))
+            except (OSError, OverflowError):  # the thread just ended
+                continue
+            names[ident] = thread.name
+        return CpuSnapshot(time.monotonic(), cpu, names)
+
+
+_THREAD_RE = re.compile(r"^(?:Current thread|Thread) (0x[0-9a-fA-F]+)")
+_FRAME_RE = re.compile(r'^\s+File "(.*)", line (\d+) in (.*)$')
+
+
+def parse_dump(text: str) -> dict[int, tuple[Frame, ...]]:
+    """Parse a faulthandler traceback dump into stacks per thread ident (innermost last)."""
+    stacks: dict[int, list[Frame]] = {}
+    current: list[Frame] | None = None
+    for line in text.splitlines():
+        head = _THREAD_RE.match(line)
+        if head:
+            current = stacks.setdefault(int(head.group(1), 16), [])
+            continue
+        frame = _FRAME_RE.match(line)
+        if frame and current is not None:
+            current.append(Frame(frame.group(1), int(frame.group(2)), frame.group(3)))
+    return {ident: tuple(reversed(frames)) for ident, frames in stacks.items()}
+
+
+_original_arm = faulthandler.dump_traceback_later
+_original_cancel = faulthandler.cancel_dump_traceback_later
+
+
+class GilFreeDump:
+    """Owns loopguard's use of ``faulthandler.dump_traceback_later``."""
+
+    def __init__(self) -> None:
+        self._file: IO[bytes] | None = None
+        self._armed = False
+        self.foreign = False  # someone else's dump is armed: do not touch the slot
+        self._lock = threading.Lock()
+        self.seq = 0  # bumped each time a dump is read
+        self.latest: dict[int, tuple[Frame, ...]] = {}
+        self._patches = [
+            Patch(faulthandler, "dump_traceback_later", self._foreign_arm),
+            Patch(faulthandler, "cancel_dump_traceback_later", self._foreign_cancel),
+        ]
+
+    def start(self) -> None:
+        """Open the private dump file and watch for other users of the slot."""
+        if self._file is None:
+            self._file = tempfile.TemporaryFile()  # noqa: SIM115 - kept open while running
+        for patch in self._patches:
+            patch.activate()
+
+    def stop(self) -> None:
+        """Cancel our dump, restore faulthandler's functions, close the file."""
+        self.disarm()
+        for patch in reversed(self._patches):
+            patch.deactivate()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _foreign_arm(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        self._armed = False
+        self.foreign = True
+        return wrapped(*args, **kwargs)
+
+    def _foreign_cancel(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        self.foreign = False
+        self._armed = False
+        return wrapped(*args, **kwargs)
+
+    def arm(self, timeout: float) -> None:
+        """Dump all threads if the sampler has not re-armed within ``timeout`` seconds."""
+        with self._lock:
+            if self.foreign or self._file is None:
+                return
+            try:
+                _original_arm(timeout, repeat=False, file=self._file, exit=False)
+                self._armed = True
+            except (OSError, ValueError, RuntimeError):
+                logger.debug("loopguard could not arm faulthandler", exc_info=True)
+
+    def disarm(self) -> None:
+        """Cancel loopguard's pending dump, if it is still ours."""
+        with self._lock:
+            self._disarm_locked()
+
+    def _disarm_locked(self) -> None:
+        if self._armed and not self.foreign:
+            _original_cancel()
+        self._armed = False
+
+    # faulthandler's timer thread does not survive fork, and a child that re-arms a
+    # timer armed before the fork waits forever for it: disarm across every fork.
+    def _before_fork(self) -> None:
+        self._lock.acquire()
+        self._disarm_locked()
+
+    def _after_fork_in_parent(self) -> None:
+        self._lock.release()
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+
+    def poll(self) -> None:
+        """If a dump fired, parse it into :attr:`latest` and bump :attr:`seq`."""
+        with self._lock:
+            f = self._file
+            if f is None:
+                return
+            try:
+                fd = f.fileno()
+                if os.fstat(fd).st_size == 0:
+                    return
+                text = os.pread(fd, 1 << 20, 0).decode("utf-8", "replace")
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+            except OSError:
+                return
+            self.latest = parse_dump(text)
+            self.seq += 1
+
+
+class Diagnosis:
+    """What the evidence says about one stall (see :func:`diagnose`)."""
+
+    __slots__ = ("cause", "culprit", "hog", "loop_cpu", "stacks")
+
+    def __init__(
+        self,
+        cause: str,
+        culprit: Frame | None,
+        stacks: tuple[StackSample, ...],
+        hog: Hog | None = None,
+        loop_cpu: float | None = None,
+    ) -> None:
+        self.cause = cause
+        self.culprit = culprit
+        self.stacks = stacks
+        self.hog = hog
+        self.loop_cpu = loop_cpu
+
+
+_THREAD_WAITS = frozenset(
+    {
+        "wait",
+        "select",
+        "poll",
+        "get",
+        "acquire",
+        "join",
+        "control",
+        "get_events",
+        "accept",
+        "recv",
+        "_wait_for_tstate_lock",
+        "_worker",
+        "sleep",
+    }
+)
+
+
+def _waiting(frames: tuple[Frame, ...]) -> bool:
+    inner = frames[-1]
+    return classify(inner.file) == PLUMBING and inner.function.rsplit(".", 1)[-1] in _THREAD_WAITS
+
+
+def _cpu_deltas(before: CpuSnapshot | None, after: CpuSnapshot | None) -> dict[int, float]:
+    if before is None or after is None:
+        return {}
+    return {i: after.cpu[i] - before.cpu[i] for i in after.cpu if i in before.cpu}
+
+
+def diagnose(
+    *,
+    loop_ident: int,
+    duration: float,
+    folder: StackFolder | None,
+    before: CpuSnapshot | None,
+    after: CpuSnapshot | None,
+    dump: dict[int, tuple[Frame, ...]] | None,
+    others: dict[int, tuple[Frame, ...]] | None,
+    exclude: frozenset[int] = frozenset(),
+) -> Diagnosis:
+    """Decide a stall's cause and culprit from samples, CPU clocks and a GIL-free dump.
+
+    * Samples that show the loop in a callback: ``blocked``; culprit from samples.
+    * Samples (or a dump) that show the loop idle in ``select()``: ``gil``; the hog
+      is the other thread that used the most CPU, its stack from the last sample
+      of all threads or from the dump; culprit is the hog's user frame.
+    * No samples, but a dump, and the loop thread used the CPU for most of the
+      stall (or, without CPU clocks, the dump shows it inside a callback):
+      ``c-held-gil``; culprit from the dump. If it did not, another thread held
+      the GIL: ``gil``, as above.
+    * Nothing observed: ``unknown``.
+
+    Args:
+        loop_ident: ``threading.get_ident()`` of the loop thread.
+        duration: Length of the stall in seconds.
+        folder: Samples of the loop thread taken during the stall, if any.
+        before: CPU clocks read before the stall, if available.
+        after: CPU clocks read after it, if available.
+        dump: Stacks per thread from a faulthandler dump that fired during it.
+        others: Stacks of the other threads at the last sample, if any.
+        exclude: Thread idents never to blame (loopguard's own threads).
+
+    Returns:
+        The diagnosis.
+    """
+    deltas = _cpu_deltas(before, after)
+    loop_cpu = None
+    if loop_ident in deltas and duration > 0:
+        loop_cpu = round(min(1.0, max(0.0, deltas[loop_ident] / duration)), 3)
+
+    sampled = folder is not None and folder.total > 0
+    if sampled:
+        assert folder is not None
+        loop_stack = folder.top()
+    elif dump and loop_ident in dump:
+        loop_stack = dump[loop_ident]
+    else:
+        return Diagnosis("unknown", None, (), None, loop_cpu)
+
+    stacks = folder.folded() if sampled and folder is not None else (StackSample(1, loop_stack),)
+    # With only a dump, the loop thread's CPU clock says whether it held the GIL.
+    waiting = is_idle(loop_stack) if sampled or loop_cpu is None else loop_cpu < 0.5
+    if not waiting:
+        culprit = culprit_of(callback_frames(loop_stack)) or culprit_of(loop_stack)
+        return Diagnosis("blocked" if sampled else "c-held-gil", culprit, stacks, None, loop_cpu)
+
+    # The loop was waiting for the GIL: name the thread that held it.
+    candidates = {i: d for i, d in deltas.items() if i != loop_ident and i not in exclude}
+    views = [v for v in (others, dump) if v]
+    hog_ident = max(candidates, key=candidates.__getitem__) if candidates else None
+    if hog_ident is None or not any(hog_ident in v for v in views):
+        # The hog may have exited: fall back to a thread seen busy (not waiting) in a view.
+        busy = [
+            i
+            for v in views
+            for i, frames in v.items()
+            if i != loop_ident and i not in exclude and frames and not _waiting(frames)
+        ]
+        hog_ident = busy[0] if busy else hog_ident
+    hog = None
+    culprit = None
+    if hog_ident is not None:
+        frames = next((v[hog_ident] for v in views if hog_ident in v), ())
+        name = (after.names.get(hog_ident) if after else None) or (
+            before.names.get(hog_ident) if before else None
+        )
+        hog = Hog(
+            name or hex(hog_ident),
+            frames,
+            round(deltas[hog_ident], 4) if hog_ident in deltas else None,
+        )
+        culprit = culprit_of(frames)
+    return Diagnosis("gil", culprit, stacks, hog, loop_cpu)
+
+
+#: The process's single user of faulthandler's timer slot, shared by all watchdogs.
+DUMP = GilFreeDump()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=DUMP._before_fork,
+        after_in_parent=DUMP._after_fork_in_parent,
+        after_in_child=DUMP._after_fork_in_child,
+    )
