@@ -17,9 +17,11 @@ Two instruments, both cheap enough to run on every sampler wake:
 from __future__ import annotations
 
 import faulthandler
+import gc
 import logging
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -122,6 +124,10 @@ class GilFreeDump:
             self._file = tempfile.TemporaryFile()  # noqa: SIM115 - kept open while running
         for patch in self._patches:
             patch.activate()
+        # A timer armed before we patched is invisible to us; the one we know of is
+        # pytest's per-test faulthandler_timeout. Leave it alone until pytest cancels it.
+        if _pytest_timer_armed():
+            self.foreign = True
 
     def stop(self) -> None:
         """Cancel our dump, restore faulthandler's functions, close the file."""
@@ -328,6 +334,18 @@ def diagnose(
         )
         culprit = culprit_of(frames)
     return Diagnosis("gil", culprit, stacks, hog, loop_cpu)
+
+
+def _pytest_timer_armed() -> bool:
+    if "_pytest.faulthandler" not in sys.modules or "PYTEST_CURRENT_TEST" not in os.environ:
+        return False
+    for obj in gc.get_objects():
+        if type(obj).__name__ == "Config" and type(obj).__module__ == "_pytest.config":
+            try:
+                return float(obj.getini("faulthandler_timeout") or 0) > 0
+            except (ValueError, TypeError, AttributeError):
+                return True  # cannot tell: assume it is armed
+    return False
 
 
 #: The process's single user of faulthandler's timer slot, shared by all watchdogs.

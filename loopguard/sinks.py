@@ -56,14 +56,24 @@ def format_stall(stall: Stall, *, max_frames: int = 12) -> str:
     """
     where = _where(stall.culprit) if stall.culprit else "no sample taken while it was held"
     task = f" in task {stall.task!r}" if stall.task else ""
+    why = {
+        "c-held-gil": " by C code holding the GIL",
+        "gil": f" waiting for the GIL held by thread {stall.hog.thread!r}" if stall.hog else "",
+    }.get(stall.cause, "")
     head = (
-        f"event loop blocked for {stall.duration * 1000:.0f} ms{task} "
+        f"event loop blocked for {stall.duration * 1000:.0f} ms{task}{why} "
         f"[{stall.cause}, {stall.loop}, thread {stall.thread!r}]: {where}"
     )
     lines = [head]
-    if stall.stacks:
+    if stall.hog is not None and stall.hog.frames:
+        lines.append(f"  thread {stall.hog.thread!r}, innermost last:")
+        lines.extend(
+            f"    {text}" for text in _stack_lines(stall.hog.frames, stall.culprit, max_frames)
+        )
+    elif stall.stacks:
         top = stall.stacks[0]
-        lines.append(f"  stack ({top.count} of {stall.samples} samples), innermost last:")
+        seen = f"{top.count} of {stall.samples} samples" if stall.samples else "traceback dump"
+        lines.append(f"  stack ({seen}), innermost last:")
         lines.extend(f"    {text}" for text in _stack_lines(top.frames, stall.culprit, max_frames))
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 
@@ -30,3 +31,18 @@ def spin(seconds: float) -> int:
 
 SLEEPY_LINE = line_of("MARK:sleepy")
 SPIN_LINES = {line_of("MARK:spin"), line_of("MARK:spin2")}
+
+
+def regex_hold(n: int = 23) -> bool:
+    """Hold the GIL in C: a catastrophic regex (each +1 on ``n`` doubles the time)."""
+    return re.match(r"^(a+)+$", "a" * n + "!") is not None  # MARK:regex
+
+
+def hog_later(delay: float, n: int = 23) -> None:
+    """Worker thread body: wait, then hold the GIL in C."""
+    time.sleep(delay)
+    re.match(r"^(a+)+$", "a" * n + "!")  # MARK:hog
+
+
+REGEX_LINE = line_of("MARK:regex")
+HOG_LINE = line_of("MARK:hog")

@@ -1,0 +1,251 @@
+"""Each stall kind is told apart and the culprit named: API and CLI, asyncio and uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import (
+    HOG_LINE,
+    REGEX_LINE,
+    SLEEPY_LINE,
+    SPIN_LINES,
+    hog_later,
+    regex_hold,
+    sleepy,
+    spin,
+)
+
+import loopguard
+from loopguard import Frame, Stall
+from loopguard._causes import CpuSnapshot, diagnose, parse_dump
+from loopguard._sampling import StackFolder
+
+THRESHOLD = 0.1
+INTERVAL = 0.02
+
+
+def run(loop_kind: str, main: Any) -> None:
+    if loop_kind == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+def collect(wd: loopguard.Watchdog) -> list[Stall]:
+    time.sleep(0.3)
+    return wd.stalls
+
+
+async def _in_callback(fn: Any, *args: Any) -> None:
+    await asyncio.sleep(0.05)
+    fn(*args)
+    await asyncio.sleep(0.05)
+
+
+async def _gil_hog() -> None:
+    worker = threading.Thread(target=hog_later, args=(0.1,), name="hog-worker")
+    worker.start()
+    await asyncio.sleep(0.1)
+    while worker.is_alive():
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.05)
+
+
+KINDS = {
+    "gil-releasing-c-call": (lambda: _in_callback(sleepy, 0.3), "blocked", {SLEEPY_LINE}),
+    "pure-python": (lambda: _in_callback(spin, 0.3), "blocked", SPIN_LINES),
+    "c-holding-gil": (lambda: _in_callback(regex_hold), "c-held-gil", {REGEX_LINE}),
+    "gil-hog-thread": (_gil_hog, "gil", {HOG_LINE}),
+}
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_each_stall_kind_through_the_api(loop_kind: str, kind: str) -> None:
+    main, cause, lines = KINDS[kind]
+    with loopguard.watch(threshold=THRESHOLD, interval=INTERVAL) as wd:
+        run(loop_kind, main)
+        stalls = collect(wd)
+    assert stalls, "no stall reported"
+    stall = max(stalls, key=lambda s: s.duration)
+    assert stall.cause == cause, stall
+    assert stall.culprit is not None and stall.culprit.line in lines, stall.culprit
+    assert stall.culprit.file.endswith("helpers.py")
+    if cause == "gil":
+        assert stall.hog is not None and stall.hog.thread == "hog-worker"
+        assert stall.loop_cpu is not None and stall.loop_cpu < 0.5
+    if cause == "c-held-gil":
+        assert stall.loop_cpu is not None and stall.loop_cpu >= 0.5
+
+
+def test_each_stall_kind_through_the_cli(tmp_path: Path) -> None:
+    app = tmp_path / "kinds.py"
+    app.write_text(
+        textwrap.dedent(
+            """
+        import asyncio, re, sys, threading, time
+
+        def io_call():
+            time.sleep(0.3)  # MARK:io
+
+        def python_loop():
+            end = time.perf_counter() + 0.3
+            while time.perf_counter() < end:  # MARK:py
+                pass
+
+        def regex():
+            re.match(r"^(a+)+$", "a" * 23 + "!")  # MARK:regex
+
+        def hog():
+            time.sleep(0.1)
+            re.match(r"^(a+)+$", "a" * 23 + "!")  # MARK:hog
+
+        async def main():
+            for fn in (io_call, python_loop, regex):
+                await asyncio.sleep(0.1)
+                fn()
+            t = threading.Thread(target=hog, name="hog-worker")
+            t.start()
+            while t.is_alive():
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)
+
+        if sys.argv[1] == "uvloop":
+            import uvloop
+            uvloop.run(main())
+        else:
+            asyncio.run(main())
+        """
+        )
+    )
+    text = app.read_text().splitlines()
+    mark = {
+        m: next(i for i, line in enumerate(text, 1) if f"MARK:{m}" in line)
+        for m in ("io", "py", "regex", "hog")
+    }
+    for loop_kind in ("asyncio", "uvloop"):
+        out = tmp_path / f"{loop_kind}.jsonl"
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "loopguard",
+                "run",
+                "--json",
+                str(out),
+                "--",
+                sys.executable,
+                str(app),
+                loop_kind,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        found = {
+            (r["cause"], r["culprit"]["line"] if r["culprit"] else None)
+            for r in map(json.loads, out.read_text().splitlines())
+        }
+        assert ("blocked", mark["io"]) in found, found
+        assert ("blocked", mark["py"]) in found or ("blocked", mark["py"] + 1) in found, found
+        assert ("c-held-gil", mark["regex"]) in found, found
+        assert ("gil", mark["hog"]) in found, found
+        assert "hog-worker" in result.stderr
+
+
+def test_steps_aside_while_someone_else_uses_the_faulthandler_timer() -> None:
+    with tempfile.TemporaryFile() as theirs, loopguard.watch(threshold=THRESHOLD) as wd:
+        faulthandler.dump_traceback_later(30, file=theirs)  # e.g. pytest's faulthandler_timeout
+        try:
+            run("asyncio", lambda: _in_callback(regex_hold))
+            stalls = collect(wd)
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        assert [s.cause for s in stalls] == ["unknown"]  # no dump of ours: told, not guessed
+        theirs.seek(0)
+        assert theirs.read() == b""  # their timer was never fired or replaced by ours
+        run("asyncio", lambda: _in_callback(regex_hold))  # after they cancel: back in service
+        stalls = collect(wd)
+    assert [s.cause for s in stalls][-1] == "c-held-gil"
+    assert faulthandler.dump_traceback_later.__module__ == "faulthandler"
+
+
+def test_pytest_faulthandler_timeout_still_fires(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, time, loopguard
+
+        def test_slow():
+            with loopguard.watch(threshold=0.1):
+                asyncio.run(asyncio.sleep(0.1))
+                time.sleep(2.5)
+        """
+    )
+    result = pytester.runpytest_subprocess("-o", "faulthandler_timeout=1", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert "Timeout" in result.stderr.str()  # pytest's own dump still happened
+
+
+def test_parse_dump() -> None:
+    text = (
+        "Timeout (0:00:01)!\n"
+        "Thread 0x00007f0000000001 (most recent call first):\n"
+        '  File "/app/worker.py", line 7 in crunch\n'
+        '  File "/usr/lib/python3/threading.py", line 1 in run\n'
+        "\n"
+        "Current thread 0x00007f0000000002 (most recent call first):\n"
+        '  File "/app/main.py", line 3 in main\n'
+    )
+    stacks = parse_dump(text)
+    assert stacks[0x7F0000000001] == (
+        Frame("/usr/lib/python3/threading.py", 1, "run"),
+        Frame("/app/worker.py", 7, "crunch"),
+    )
+    assert stacks[0x7F0000000002] == (Frame("/app/main.py", 3, "main"),)
+
+
+def test_diagnose_without_evidence_is_unknown() -> None:
+    found = diagnose(
+        loop_ident=1,
+        duration=0.5,
+        folder=StackFolder(),
+        before=None,
+        after=None,
+        dump=None,
+        others=None,
+    )
+    assert (found.cause, found.culprit, found.hog) == ("unknown", None, None)
+
+
+def test_diagnose_prefers_the_thread_that_burned_the_cpu() -> None:
+    loop_stack = (Frame(sys.modules["selectors"].__file__ or "", 1, "EpollSelector.select"),)
+    busy = (Frame("/app/worker.py", 9, "crunch"),)
+    idle = (Frame(threading.__file__, 300, "Condition.wait"),)
+    before = CpuSnapshot(0.0, {1: 0.0, 2: 0.0, 3: 0.0}, {1: "Main", 2: "w1", 3: "w2"})
+    after = CpuSnapshot(1.0, {1: 0.01, 2: 0.0, 3: 0.9}, {1: "Main", 2: "w1", 3: "w2"})
+    found = diagnose(
+        loop_ident=1,
+        duration=0.9,
+        folder=None,
+        before=before,
+        after=after,
+        dump={1: loop_stack, 2: idle, 3: busy},
+        others=None,
+    )
+    assert found.cause == "gil"
+    assert found.hog is not None and found.hog.thread == "w2" and found.hog.cpu == 0.9
+    assert found.culprit == busy[0]
