@@ -7,10 +7,13 @@ from ._api import current as current
 from ._api import install as install
 from ._api import uninstall as uninstall
 from ._api import watch as watch
+from ._attribution import attribute as attribute
+from ._attribution import unattribute as unattribute
 from ._config import Config as Config
 from ._watchdog import Watchdog as Watchdog
 from .events import Event as Event
 from .events import Frame as Frame
+from .events import Hog as Hog
 from .events import StackSample as StackSample
 from .events import Stall as Stall
 from .sinks import CallbackSink as CallbackSink
@@ -26,6 +29,7 @@ __all__ = [
     "Config",
     "Event",
     "Frame",
+    "Hog",
     "JsonLinesSink",
     "LoggingSink",
     "RecordingSink",
@@ -34,8 +38,10 @@ __all__ = [
     "Stall",
     "Watchdog",
     "__version__",
+    "attribute",
     "current",
     "install",
+    "unattribute",
     "uninstall",
     "watch",
 ]

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from ._attribution import attributes_of
 from ._causes import DUMP, CpuClocks, CpuSnapshot, diagnose
 from ._config import Config
 from ._patch import Patch, cancel_import_hook, when_imported
@@ -61,7 +62,7 @@ class _LoopWatch:
         "ongoing",
         "pending",
         "period",
-        "task_name",
+        "running_task",
         "thread_id",
         "thread_name",
         "threshold",
@@ -83,10 +84,10 @@ class _LoopWatch:
         self.ongoing: _Ongoing | None = None  # sampler-only state
         if kind == "trio":
             self.is_running: Callable[[], bool] = lambda: self.attached
-            self.task_name: Callable[[], str | None] = lambda: None
+            self.running_task: Callable[[], Any] = lambda: None
         else:
             self.is_running = loop.is_running
-            self.task_name = self._asyncio_task_name
+            self.running_task = self._asyncio_task
 
     def stamp(self) -> None:
         """Record a heartbeat (runs on the loop thread)."""
@@ -104,12 +105,11 @@ class _LoopWatch:
         self.stamp()
         self.handle = self.loop.call_later(self.period, self.asyncio_tick)
 
-    def _asyncio_task_name(self) -> str | None:
+    def _asyncio_task(self) -> asyncio.Task[Any] | None:
         try:
-            task = asyncio.current_task(self.loop)
+            return asyncio.current_task(self.loop)
         except Exception:
             return None
-        return task.get_name() if task is not None else None
 
     def take_pending(self) -> list[tuple[float, float]]:
         items, self.pending = self.pending, []
@@ -119,7 +119,7 @@ class _LoopWatch:
 class _Ongoing:
     """A stall the sampler is watching while it lasts."""
 
-    __slots__ = ("before", "folder", "others", "starved", "task", "tick")
+    __slots__ = ("attributes", "before", "folder", "others", "starved", "task", "tick")
 
     def __init__(self, tick: float, before: CpuSnapshot | None) -> None:
         self.tick = tick
@@ -127,6 +127,7 @@ class _Ongoing:
         self.folder = StackFolder()
         self.others: dict[int, tuple[Frame, ...]] | None = None
         self.task: str | None = None
+        self.attributes: dict[str, str] = {}
         self.starved = 0
 
 
@@ -466,7 +467,10 @@ class Watchdog:
                 self._detach(watch)
                 return now
             watch.ongoing = _Ongoing(last_tick, self._snapshot)
-            watch.ongoing.task = watch.task_name()
+            task = watch.running_task()
+            watch.ongoing.attributes = attributes_of(task, watch.thread_id)
+            watch.ongoing.task = watch.ongoing.attributes.get("task.name")
+            del task
         ongoing = watch.ongoing
         if starved:
             ongoing.starved += 1
@@ -521,6 +525,7 @@ class Watchdog:
             samples=ongoing.folder.total if ongoing is not None else 0,
             thread=watch.thread_name,
             loop=watch.kind,
+            attributes=ongoing.attributes if ongoing is not None else {},
             hog=found.hog,
             loop_cpu=found.loop_cpu,
         )
