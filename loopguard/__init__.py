@@ -14,8 +14,13 @@ from ._watchdog import Watchdog as Watchdog
 from .events import Event as Event
 from .events import Frame as Frame
 from .events import Hog as Hog
+from .events import Offloaded as Offloaded
 from .events import StackSample as StackSample
 from .events import Stall as Stall
+from .offload import checkpoint as checkpoint
+from .offload import offload as offload
+from .offload import set_offload_limit as set_offload_limit
+from .offload import yielding as yielding
 from .sinks import CallbackSink as CallbackSink
 from .sinks import JsonLinesSink as JsonLinesSink
 from .sinks import LoggingSink as LoggingSink
@@ -32,6 +37,7 @@ __all__ = [
     "Hog",
     "JsonLinesSink",
     "LoggingSink",
+    "Offloaded",
     "RecordingSink",
     "Sink",
     "StackSample",
@@ -39,9 +45,13 @@ __all__ = [
     "Watchdog",
     "__version__",
     "attribute",
+    "checkpoint",
     "current",
     "install",
+    "offload",
+    "set_offload_limit",
     "unattribute",
     "uninstall",
     "watch",
+    "yielding",
 ]

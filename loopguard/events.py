@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["Event", "Frame", "Hog", "StackSample", "Stall"]
+__all__ = ["Event", "Frame", "Hog", "Offloaded", "StackSample", "Stall"]
 
 
 @dataclass(frozen=True)
@@ -145,3 +145,41 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     return value
+
+
+@dataclass(frozen=True)
+class Offloaded(Event):
+    """An adaptive ``@offload`` function exceeded its budget inline and now runs offloaded.
+
+    Emitted once per function, when a call that ran on the event loop took longer
+    than the function's budget; from then on every call goes to a worker.
+
+    Attributes:
+        function: Qualified name of the function (``module.qualname``).
+        duration: How long the call that exceeded the budget held the loop, in seconds.
+        budget: The function's inline budget, in seconds.
+        mode: Where its calls go from now on: ``"thread"``, ``"process"`` or
+            ``"executor"``.
+        definition: Where the function is defined (its first line), when known.
+        task: Name of the task that made the call, when known.
+    """
+
+    kind: ClassVar[str] = "offloaded"
+
+    function: str
+    duration: float
+    budget: float
+    mode: str
+    definition: Frame | None = None
+    task: str | None = None
+
+    def __str__(self) -> str:
+        where = f" ({self.definition.file}:{self.definition.line})" if self.definition else ""
+        target = {"thread": "a worker thread", "process": "a worker process"}.get(
+            self.mode, "its executor"
+        )
+        return (
+            f"{self.function}{where} held the event loop for {self.duration * 1000:.1f} ms, "
+            f"over its inline budget of {self.budget * 1000:.1f} ms; "
+            f"its calls run in {target} from now on"
+        )

@@ -1,0 +1,469 @@
+"""Every OpenTelemetry instrument loopguard reports, and the only place that names one.
+
+This module owns the metric table: name, instrument kind, unit, description, the
+attribute keys each metric may carry (a closed, bounded set) and histogram bucket
+advice. Other modules refer to metrics through the name constants below and report
+through :func:`record` (synchronous instruments) or :func:`observe` (instruments read
+at collection time); they never call OpenTelemetry themselves.
+
+Only the OpenTelemetry *API* is used: with no SDK configured every instrument is a
+no-op and recording costs a method call. Instruments are created lazily, on first use,
+from ``opentelemetry.metrics.get_meter("loopguard", <version>)``; the SDK, exporters
+and views are the application's choice. :func:`use_meter_provider` points loopguard at
+a specific ``MeterProvider`` instead of the global one (tests, or applications that
+keep several providers).
+
+Reporting never raises into the caller: an instrument that fails is logged once and
+replaced by a no-op.
+
+To add a metric: add a name constant and a :class:`MetricSpec` to :data:`SPECS`, then
+call :func:`record` or :func:`observe` with the constant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal
+
+from opentelemetry import metrics as otel_metrics
+
+__all__ = [
+    "ASYNCIO_BLOCKING_CALLS",
+    "EVENTLOOP_DELAY",
+    "EVENTLOOP_PENDING_CALLBACKS",
+    "EVENTLOOP_SLOW_CALLBACKS",
+    "EVENTLOOP_STALLS",
+    "EVENTLOOP_STALL_DURATION",
+    "EVENTLOOP_TASKS",
+    "EVENTLOOP_TIME",
+    "EVENTLOOP_UTILIZATION",
+    "METER_NAME",
+    "OFFLOAD_ACTIVE",
+    "OFFLOAD_RUN_DURATION",
+    "OFFLOAD_WAIT_DURATION",
+    "SPECS",
+    "WEBSOCKET_CONNECTIONS",
+    "WEBSOCKET_PING_RTT",
+    "WEBSOCKET_PROCESS_DURATION",
+    "WEBSOCKET_RECEIVE_MESSAGES",
+    "WEBSOCKET_RECEIVE_QUEUE_CAPACITY",
+    "WEBSOCKET_RECEIVE_QUEUE_SIZE",
+    "WEBSOCKET_RECEIVE_TIME_IN_QUEUE",
+    "InstrumentKind",
+    "MetricSpec",
+    "instrument",
+    "observe",
+    "record",
+    "use_meter_provider",
+]
+
+logger = logging.getLogger("loopguard")
+
+METER_NAME = "loopguard"
+"""Instrumentation scope name of every loopguard instrument."""
+
+InstrumentKind = Literal["counter", "updowncounter", "histogram", "gauge"]
+
+# -- names ---------------------------------------------------------------------------
+# Event loop (mirrors Node's nodejs.eventloop.* semantic conventions).
+EVENTLOOP_DELAY = "asyncio.eventloop.delay"
+EVENTLOOP_UTILIZATION = "asyncio.eventloop.utilization"
+EVENTLOOP_TIME = "asyncio.eventloop.time"
+EVENTLOOP_STALLS = "asyncio.eventloop.stalls"
+EVENTLOOP_STALL_DURATION = "asyncio.eventloop.stall.duration"
+EVENTLOOP_SLOW_CALLBACKS = "asyncio.eventloop.slow_callbacks"
+EVENTLOOP_PENDING_CALLBACKS = "asyncio.eventloop.pending_callbacks"
+EVENTLOOP_TASKS = "asyncio.eventloop.tasks"
+ASYNCIO_BLOCKING_CALLS = "asyncio.blocking_calls"
+# Offload.
+OFFLOAD_WAIT_DURATION = "loopguard.offload.wait.duration"
+OFFLOAD_RUN_DURATION = "loopguard.offload.run.duration"
+OFFLOAD_ACTIVE = "loopguard.offload.active"
+# Guarded WebSocket receive.
+WEBSOCKET_RECEIVE_QUEUE_SIZE = "websocket.receive.queue.size"
+WEBSOCKET_RECEIVE_QUEUE_CAPACITY = "websocket.receive.queue.capacity"
+WEBSOCKET_RECEIVE_TIME_IN_QUEUE = "websocket.receive.time_in_queue"
+WEBSOCKET_RECEIVE_MESSAGES = "websocket.receive.messages"
+WEBSOCKET_PROCESS_DURATION = "websocket.process.duration"
+WEBSOCKET_CONNECTIONS = "websocket.connections"
+WEBSOCKET_PING_RTT = "websocket.ping.rtt"
+
+# Bucket advice for histograms in seconds. The SDK's default boundaries (0, 5, 10,
+# 25, ... 10000) suit milliseconds and would put every loop delay in one bucket.
+_LOOP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_CALL_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """What one metric is: the single source of its name, kind, unit and attributes.
+
+    Attributes:
+        name: The metric name.
+        kind: Instrument kind: ``"counter"``, ``"updowncounter"``, ``"histogram"`` or
+            ``"gauge"``. :func:`record` uses the synchronous instrument of that kind;
+            :func:`observe` the asynchronous (observable) one.
+        unit: UCUM unit (``"s"``, ``"1"``, ``"{call}"``...).
+        description: One line for dashboards.
+        attributes: The only attribute keys the metric may carry. Each has a small,
+            fixed set of values, so the metric's cardinality stays bounded.
+        buckets: Explicit bucket boundaries advised to the SDK (histograms only).
+    """
+
+    name: str
+    kind: InstrumentKind
+    unit: str
+    description: str
+    attributes: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None
+
+
+_OFFLOAD_ATTRIBUTES = ("mode", "function")
+
+SPECS: Mapping[str, MetricSpec] = MappingProxyType(
+    {
+        spec.name: spec
+        for spec in (
+            MetricSpec(
+                EVENTLOOP_DELAY,
+                "histogram",
+                "s",
+                "How late the event loop ran a timer it was asked to run on time.",
+                buckets=_LOOP_BUCKETS,
+            ),
+            MetricSpec(
+                EVENTLOOP_UTILIZATION,
+                "gauge",
+                "1",
+                "Share of wall time the event loop spent running callbacks, not waiting.",
+            ),
+            MetricSpec(
+                EVENTLOOP_TIME,
+                "counter",
+                "s",
+                "Time the event loop spent active (running callbacks) or idle (waiting).",
+                attributes=("state",),
+            ),
+            MetricSpec(
+                EVENTLOOP_STALLS,
+                "counter",
+                "{stall}",
+                "Stalls: the loop was held for at least the threshold.",
+                attributes=("cause",),
+            ),
+            MetricSpec(
+                EVENTLOOP_STALL_DURATION,
+                "histogram",
+                "s",
+                "How long each stall held the event loop.",
+                buckets=_LOOP_BUCKETS,
+            ),
+            MetricSpec(
+                EVENTLOOP_SLOW_CALLBACKS,
+                "counter",
+                "{callback}",
+                "Callbacks that ran longer than the slow-callback threshold.",
+            ),
+            MetricSpec(
+                EVENTLOOP_PENDING_CALLBACKS,
+                "gauge",
+                "{callback}",
+                "Callbacks ready to run, waiting for the event loop.",
+            ),
+            MetricSpec(EVENTLOOP_TASKS, "gauge", "{task}", "Tasks alive on the event loop."),
+            MetricSpec(
+                ASYNCIO_BLOCKING_CALLS,
+                "counter",
+                "{call}",
+                "Blocking calls made on the event loop thread, by catalogued function.",
+                attributes=("function", "action"),
+            ),
+            MetricSpec(
+                OFFLOAD_WAIT_DURATION,
+                "histogram",
+                "s",
+                "Time an offloaded call waited for a worker (limit, pool, transfer).",
+                attributes=_OFFLOAD_ATTRIBUTES,
+                buckets=_CALL_BUCKETS,
+            ),
+            MetricSpec(
+                OFFLOAD_RUN_DURATION,
+                "histogram",
+                "s",
+                "Time an offloaded call ran on its worker.",
+                attributes=_OFFLOAD_ATTRIBUTES,
+                buckets=_CALL_BUCKETS,
+            ),
+            MetricSpec(
+                OFFLOAD_ACTIVE,
+                "updowncounter",
+                "{call}",
+                "Offloaded calls in progress (waiting for a worker or running).",
+                attributes=_OFFLOAD_ATTRIBUTES,
+            ),
+            MetricSpec(
+                WEBSOCKET_RECEIVE_QUEUE_SIZE,
+                "updowncounter",
+                "{message}",
+                "Messages received and queued, not yet taken by a consumer.",
+            ),
+            MetricSpec(
+                WEBSOCKET_RECEIVE_QUEUE_CAPACITY,
+                "updowncounter",
+                "{message}",
+                "Capacity of the receive queues.",
+            ),
+            MetricSpec(
+                WEBSOCKET_RECEIVE_TIME_IN_QUEUE,
+                "histogram",
+                "s",
+                "Time a received message waited in the queue before a consumer took it.",
+                buckets=_CALL_BUCKETS,
+            ),
+            MetricSpec(
+                WEBSOCKET_RECEIVE_MESSAGES,
+                "counter",
+                "{message}",
+                "Messages received, by outcome (delivered or dropped).",
+                attributes=("outcome",),
+            ),
+            MetricSpec(
+                WEBSOCKET_PROCESS_DURATION,
+                "histogram",
+                "s",
+                "Time a consumer spent processing one message.",
+                buckets=_CALL_BUCKETS,
+            ),
+            MetricSpec(
+                WEBSOCKET_CONNECTIONS,
+                "updowncounter",
+                "{connection}",
+                "Open WebSocket connections.",
+            ),
+            MetricSpec(
+                WEBSOCKET_PING_RTT,
+                "histogram",
+                "s",
+                "Round-trip time of WebSocket pings.",
+                buckets=_CALL_BUCKETS,
+            ),
+        )
+    }
+)
+"""Every metric loopguard can report, by name."""
+
+Attributes = Mapping[str, str | bool | int | float]
+ObservableCallback = Callable[[otel_metrics.CallbackOptions], Iterable[otel_metrics.Observation]]
+
+
+class _Noop:
+    """Stands in for an instrument that could not be created or has failed."""
+
+    def add(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    record = set = add
+
+
+_NOOP = _Noop()
+
+_lock = threading.Lock()
+_provider: otel_metrics.MeterProvider | None = None
+_meter: otel_metrics.Meter | None = None
+# name -> bound "report" method (add / record / set) of the synchronous instrument.
+_reporters: dict[str, Callable[..., None]] = {}
+_instruments: dict[str, object] = {}
+# Observable instruments to re-create when the provider changes.
+_observed: list[tuple[str, ObservableCallback]] = []
+_failed: set[str] = set()
+
+
+def _version() -> str:
+    try:
+        from . import __version__
+    except ImportError:  # pragma: no cover - loopguard/__init__ always defines it
+        return ""
+    return __version__
+
+
+def _get_meter() -> otel_metrics.Meter:
+    global _meter
+    if _meter is None:
+        _meter = otel_metrics.get_meter(METER_NAME, _version(), meter_provider=_provider)
+    return _meter
+
+
+def _spec(name: str) -> MetricSpec:
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise KeyError(
+            f"{name!r} is not a loopguard metric (see loopguard.metrics.SPECS)"
+        ) from None
+
+
+def _create(spec: MetricSpec) -> object:
+    meter = _get_meter()
+    if spec.kind == "counter":
+        return meter.create_counter(spec.name, spec.unit, spec.description)
+    if spec.kind == "updowncounter":
+        return meter.create_up_down_counter(spec.name, spec.unit, spec.description)
+    if spec.kind == "gauge":
+        return meter.create_gauge(spec.name, spec.unit, spec.description)
+    try:
+        return meter.create_histogram(
+            spec.name,
+            spec.unit,
+            spec.description,
+            explicit_bucket_boundaries_advisory=spec.buckets,
+        )
+    except TypeError:  # an API older than the advisory parameter
+        return meter.create_histogram(spec.name, spec.unit, spec.description)
+
+
+def instrument(name: str) -> Any:
+    """Return the synchronous instrument for a metric, creating it on first use.
+
+    Args:
+        name: One of the names in :data:`SPECS`.
+
+    Returns:
+        An OpenTelemetry ``Counter``, ``UpDownCounter``, ``Histogram`` or ``Gauge``
+        (a no-op if it could not be created).
+
+    Raises:
+        KeyError: The name is not in :data:`SPECS` (a programming error).
+    """
+    inst = _instruments.get(name)
+    if inst is None:
+        spec = _spec(name)
+        with _lock:
+            inst = _instruments.get(name)
+            if inst is None:
+                try:
+                    inst = _create(spec)
+                except Exception:
+                    _log_failure(name, "could not be created")
+                    inst = _NOOP
+                _instruments[name] = inst
+    return inst
+
+
+def _reporter(name: str) -> Callable[..., None]:
+    inst = instrument(name)
+    method = "record" if SPECS[name].kind == "histogram" else "add"
+    if SPECS[name].kind == "gauge":
+        method = "set"
+    report: Callable[..., None] = getattr(inst, method, _NOOP.add)
+    _reporters[name] = report
+    return report
+
+
+def record(name: str, value: float, attributes: Attributes | None = None) -> None:
+    """Report one value to a synchronous instrument; never raises.
+
+    Adds to a counter or up-down counter, records into a histogram, sets a gauge.
+
+    Args:
+        name: One of the names in :data:`SPECS`.
+        value: The value (an increment for counters).
+        attributes: Attributes, with keys from the metric's spec only.
+    """
+    try:
+        report = _reporters.get(name) or _reporter(name)
+        report(value, attributes)
+    except Exception:
+        _fail(name)
+
+
+def observe(name: str, callback: ObservableCallback) -> None:
+    """Report a metric through a callback the SDK calls at each collection; never raises.
+
+    The callback is kept and registered again if :func:`use_meter_provider` changes
+    the provider.
+
+    Args:
+        name: One of the names in :data:`SPECS` (counter, updowncounter or gauge).
+        callback: Called with ``CallbackOptions``; returns ``Observation`` objects.
+
+    Raises:
+        KeyError: The name is not in :data:`SPECS` (a programming error).
+        ValueError: The metric is a histogram, which has no observable form.
+    """
+    spec = _spec(name)
+    if spec.kind == "histogram":
+        raise ValueError(f"{name} is a histogram; histograms cannot be observed")
+    with _lock:
+        _observed.append((name, callback))
+        _register_observable(spec, callback)
+
+
+def _register_observable(spec: MetricSpec, callback: ObservableCallback) -> None:
+    try:
+        meter = _get_meter()
+        create = {
+            "counter": meter.create_observable_counter,
+            "updowncounter": meter.create_observable_up_down_counter,
+            "gauge": meter.create_observable_gauge,
+        }[spec.kind]
+        create(spec.name, [callback], spec.unit, spec.description)
+    except Exception:
+        _log_failure(spec.name, "could not be observed")
+
+
+def use_meter_provider(provider: otel_metrics.MeterProvider | None) -> None:
+    """Send loopguard's metrics to this ``MeterProvider`` (``None``: the global one).
+
+    Instruments are created again on next use from the new provider; callbacks given
+    to :func:`observe` are registered with it.
+
+    Args:
+        provider: An SDK ``MeterProvider``, or ``None`` to go back to
+            ``opentelemetry.metrics.get_meter_provider()``.
+    """
+    global _provider, _meter
+    with _lock:
+        _provider = provider
+        _meter = None
+        _instruments.clear()
+        _reporters.clear()
+        _failed.clear()
+        for name, callback in _observed:
+            _register_observable(SPECS[name], callback)
+
+
+def _fail(name: str) -> None:
+    # Replace the failing instrument so the hot path stops paying for the exception.
+    _reporters[name] = _NOOP.add
+    _log_failure(name, "raised; it is disabled")
+
+
+def _log_failure(name: str, what: str) -> None:
+    if name in _failed:
+        return
+    _failed.add(name)
+    with contextlib.suppress(Exception):
+        logger.exception("loopguard metric %s %s", name, what)
