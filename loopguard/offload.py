@@ -353,24 +353,13 @@ class _Offload:
     async def _in_thread(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], timing: list[float]
     ) -> Any:
-        limiter = self._limiter()
-        if not self.cancellable:
-            # anyio shields the running body from cancellation and holds the limiter
-            # slot until it returns: exactly the default semantics.
-            return await anyio.to_thread.run_sync(
-                _run_timed, self.func, args, kwargs, timing, limiter=limiter
-            )
-        if limiter is None:
-            return await anyio.to_thread.run_sync(
-                _run_timed, self.func, args, kwargs, timing, abandon_on_cancel=True
-            )
-        # anyio frees the slot of an abandoned thread at once; keep it until the body
-        # returns, so that ``limit`` bounds the bodies actually running.
-        borrow = _Borrow(limiter)
-        await limiter.acquire_on_behalf_of(borrow)
+        # The slot (the function's limit, else anyio's default thread limit) is held
+        # by the call itself, not by the task, so that it lasts as long as the body.
+        call = _Call(self._limiter() or anyio.to_thread.current_default_thread_limiter())
+        await call.acquire()
         try:
             return await anyio.to_thread.run_sync(
-                borrow.run,
+                call.run,
                 self.func,
                 args,
                 kwargs,
@@ -378,45 +367,51 @@ class _Offload:
                 abandon_on_cancel=True,
                 limiter=_unbounded(),
             )
+        except BaseException as exc:
+            if not self.cancellable and isinstance(exc, anyio.get_cancelled_exc_class()):
+                await call.see_through()
+            raise
         finally:
-            borrow.leave()
+            call.leave()
 
     async def _in_process(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], timing: list[float]
     ) -> Any:
         payload = self._pickle_call(args, kwargs)
-        reply = await anyio.to_process.run_sync(
-            _process_entry,
-            payload,
-            cancellable=self.cancellable,
-            limiter=self._limiter(),
-        )
+        call = _Call(self._limiter() or anyio.to_process.current_default_process_limiter())
+        await call.acquire()
+        try:
+            if self.cancellable:  # anyio kills the worker process if we are cancelled
+                reply = await anyio.to_process.run_sync(
+                    _process_entry, payload, cancellable=True, limiter=_unbounded()
+                )
+            else:
+                reply = await _see_through(
+                    anyio.to_process.run_sync, _process_entry, payload, limiter=_unbounded()
+                )
+        finally:
+            call.release()  # the worker is done with it, or was killed
         return _unpack(pickle.loads(reply), timing)
 
     async def _in_executor(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], timing: list[float]
     ) -> Any:
         executor = cast(concurrent.futures.Executor, self.executor)
-        limiter = self._limiter()
-        borrow: _Borrow | None = None
-        if limiter is not None:
-            borrow = _Borrow(limiter)
-            await limiter.acquire_on_behalf_of(borrow)
+        call = _Call(self._limiter())
+        await call.acquire()
+        in_process = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
         try:
-            in_process = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
             if in_process:
                 context = contextvars.copy_context()
                 future = executor.submit(context.run, _run_timed, self.func, args, kwargs, timing)
             else:
                 future = executor.submit(_executor_entry, self._remote_target(), args, kwargs)
-            if borrow is not None:
-                # The executor owns the job now; its future says when it is over.
-                borrow.running()
-                future.add_done_callback(borrow.finish)
+            # The executor owns the job now; its future says when the job is over.
+            call.started()
+            future.add_done_callback(call.finish)
             value = await _wait_future(future, self.cancellable)
         finally:
-            if borrow is not None:
-                borrow.leave()
+            call.leave()
         return value if in_process else _unpack(value, timing)
 
     # Helpers -------------------------------------------------------------------------
@@ -578,25 +573,44 @@ def _unbounded() -> anyio.CapacityLimiter:
     return limiter
 
 
-class _Borrow:
-    """A limiter slot held for one call until its body has returned.
+class _Call:
+    """One offloaded call, as both the waiting task and the worker see it.
 
-    The body's side marks the call running (:meth:`run` in a worker thread, or
-    :meth:`running` after an executor accepted it) and finished (:meth:`finish`);
-    the task calls :meth:`leave` when it stops waiting. The slot is given back, on
-    the loop thread, as soon as no body can still run: at once if the call never
-    started or has finished, else when it finishes.
+    It holds the call's limiter slot. The worker side marks the body running
+    (:meth:`run` in a worker thread, :meth:`started` once an executor has the job)
+    and finished (:meth:`finish`, from any thread). The task calls :meth:`leave`
+    when it stops waiting: the slot goes back at once if the body never started or
+    has returned, otherwise when it returns. A body that has not started when the
+    task leaves is skipped.
     """
 
-    __slots__ = ("_finished", "_left", "_limiter", "_lock", "_running", "_soon")
+    __slots__ = ("_finished", "_left", "_limiter", "_lock", "_running", "_soon", "_wake")
 
-    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
+    def __init__(self, limiter: anyio.CapacityLimiter | None) -> None:
         self._limiter = limiter
-        self._soon = _threadsafe_scheduler()
         self._lock = threading.Lock()
         self._running = False
         self._finished = False
         self._left = False
+        self._soon: Callable[[Callable[[], object]], None] | None = None
+        self._wake: Callable[[], object] | None = None
+
+    async def acquire(self) -> None:
+        limiter = self._limiter
+        if limiter is None:
+            return
+        try:
+            # No loop round trip when a slot is free (anyio checkpoints right after).
+            limiter.acquire_on_behalf_of_nowait(self)
+        except anyio.WouldBlock:
+            await limiter.acquire_on_behalf_of(self)
+
+    def release(self) -> None:
+        if self._limiter is not None:
+            with contextlib.suppress(Exception):
+                self._limiter.release_on_behalf_of(self)
+
+    # The worker's side (any thread).
 
     def run(
         self,
@@ -614,27 +628,41 @@ class _Borrow:
         finally:
             self.finish()
 
-    def running(self) -> None:
+    def started(self) -> None:
         with self._lock:
             self._running = True
 
     def finish(self, *_: object) -> None:
         with self._lock:
             self._finished = True
-            release = self._left
-        if release:
-            self._soon(self._release)
+            soon = self._soon if self._left else None
+            wake = self._wake
+        if soon is not None:
+            soon(self.release)
+        if wake is not None:
+            wake()
+
+    # The task's side (the loop thread).
+
+    async def see_through(self) -> None:
+        """Wait until the body has returned, whatever cancellation arrives meanwhile."""
+        done = anyio.Event()
+        soon = _threadsafe_scheduler()
+        with self._lock:
+            if self._finished or not self._running:
+                self._left = True  # not started: it never will
+                return
+            self._wake = lambda: soon(done.set)
+        await _shielded_wait(done)
 
     def leave(self) -> None:
         with self._lock:
             self._left = True
             release = self._finished or not self._running
+            if not release:
+                self._soon = _threadsafe_scheduler()
         if release:
-            self._release()
-
-    def _release(self) -> None:
-        with contextlib.suppress(Exception):
-            self._limiter.release_on_behalf_of(self)
+            self.release()
 
 
 def _threadsafe_scheduler() -> Callable[[Callable[[], object]], None]:
@@ -662,14 +690,55 @@ async def _wait_future(future: concurrent.futures.Future[T], cancellable: bool) 
     future.add_done_callback(lambda _: soon(done.set))
     try:
         await done.wait()
-    except BaseException:
-        # Cancelled: drop the job if it has not started; otherwise see it through,
-        # unless the caller asked to be released at once.
+    except anyio.get_cancelled_exc_class():
+        # Drop the job if it has not started; otherwise see it through, unless the
+        # caller asked to be released at once.
         if not future.cancel() and not cancellable:
-            with anyio.CancelScope(shield=True):
-                await done.wait()
+            await _shielded_wait(done)
         raise
     return future.result()
+
+
+async def _shielded_wait(event: anyio.Event) -> None:
+    with anyio.CancelScope(shield=True):
+        while not event.is_set():
+            try:
+                await event.wait()
+            except anyio.get_cancelled_exc_class():
+                # Native asyncio cancellation (task.cancel(), wait_for) reaches
+                # through a shield; the body is still running, so keep waiting.
+                continue
+
+
+async def _see_through(func: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
+    """Await ``func(*args, **kwargs)`` to its end even if the caller is cancelled.
+
+    It runs in a shielded child task: neither a cancel scope nor a native asyncio
+    cancellation of the caller reaches it, and the caller's cancellation is raised
+    once it has finished.
+    """
+    outcome: list[Any] = []
+
+    async def child() -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                outcome.append(await func(*args, **kwargs))
+            except BaseException as exc:
+                outcome.append(_Raised(exc))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(child)
+    value = outcome[0]
+    if isinstance(value, _Raised):
+        raise value.exc
+    return cast(T, value)
+
+
+class _Raised:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
 
 
 # -- worker processes and remote executors ---------------------------------------------
