@@ -296,8 +296,9 @@ _meter: otel_metrics.Meter | None = None
 # name -> bound "report" method (add / record / set) of the synchronous instrument.
 _reporters: dict[str, Callable[..., None]] = {}
 _instruments: dict[str, object] = {}
-# Observable instruments to re-create when the provider changes.
-_observed: list[tuple[str, ObservableCallback]] = []
+# The callback of each observed metric, and which have an instrument on the meter.
+_observed: dict[str, ObservableCallback] = {}
+_observing: set[str] = set()
 _failed: set[str] = set()
 
 
@@ -399,11 +400,12 @@ def record(name: str, value: float, attributes: Attributes | None = None) -> Non
         _fail(name)
 
 
-def observe(name: str, callback: ObservableCallback) -> None:
+def observe(name: str, callback: ObservableCallback | None) -> None:
     """Report a metric through a callback the SDK calls at each collection; never raises.
 
-    The callback is kept and registered again if :func:`use_meter_provider` changes
-    the provider.
+    One callback per metric: observing a name again replaces its callback, ``None``
+    stops reporting it. The callback survives :func:`use_meter_provider`. A callback
+    that raises is logged once and reports nothing for that collection.
 
     Args:
         name: One of the names in :data:`SPECS` (counter, updowncounter or gauge).
@@ -417,11 +419,27 @@ def observe(name: str, callback: ObservableCallback) -> None:
     if spec.kind == "histogram":
         raise ValueError(f"{name} is a histogram; histograms cannot be observed")
     with _lock:
-        _observed.append((name, callback))
-        _register_observable(spec, callback)
+        if callback is None:
+            _observed.pop(name, None)
+            return
+        _observed[name] = callback
+        if name not in _observing and _register_observable(spec):
+            _observing.add(name)
 
 
-def _register_observable(spec: MetricSpec, callback: ObservableCallback) -> None:
+def _register_observable(spec: MetricSpec) -> bool:
+    name = spec.name
+
+    def trampoline(options: otel_metrics.CallbackOptions) -> Iterable[otel_metrics.Observation]:
+        callback = _observed.get(name)
+        if callback is None:
+            return []
+        try:
+            return list(callback(options))
+        except Exception:
+            _log_failure(name, "callback raised")
+            return []
+
     try:
         meter = _get_meter()
         create = {
@@ -429,9 +447,11 @@ def _register_observable(spec: MetricSpec, callback: ObservableCallback) -> None
             "updowncounter": meter.create_observable_up_down_counter,
             "gauge": meter.create_observable_gauge,
         }[spec.kind]
-        create(spec.name, [callback], spec.unit, spec.description)
+        create(name, [trampoline], spec.unit, spec.description)
     except Exception:
-        _log_failure(spec.name, "could not be observed")
+        _log_failure(name, "could not be observed")
+        return False
+    return True
 
 
 def use_meter_provider(provider: otel_metrics.MeterProvider | None) -> None:
@@ -451,8 +471,10 @@ def use_meter_provider(provider: otel_metrics.MeterProvider | None) -> None:
         _instruments.clear()
         _reporters.clear()
         _failed.clear()
-        for name, callback in _observed:
-            _register_observable(SPECS[name], callback)
+        _observing.clear()
+        for name in list(_observed):
+            if _register_observable(SPECS[name]):
+                _observing.add(name)
 
 
 def _fail(name: str) -> None:
