@@ -33,6 +33,7 @@ def install(
     callback: Callable[[Event], object] | None = None,
     sinks: Sequence[Sink] = (),
     record: int = 1000,
+    stats: bool = False,
     precise: bool = False,
     blocking: BlockingMode = "off",
     **unknown: NoReturn,
@@ -54,6 +55,9 @@ def install(
         callback: Called with each event, on loopguard's sampler thread.
         sinks: Further sinks (objects with ``emit(event)``).
         record: How many recent events the watchdog keeps in memory.
+        stats: Collect loop statistics (``Watchdog.stats()`` and the utilization,
+            time, pending-callback and task metrics); costs a timer read per loop
+            iteration.
         precise: Per-callback timing (not available yet; accepted and noted).
         blocking: Blocking-call guard (not available yet; accepted and noted).
         **unknown: Rejected: any other keyword raises ``ValueError``.
@@ -74,6 +78,7 @@ def install(
             callback=callback,
             sinks=tuple(sinks),
             record=record,
+            stats=stats,
             precise=precise,
             blocking=blocking,
         ),
@@ -123,6 +128,7 @@ def watch(
     callback: Callable[[Event], object] | None = None,
     sinks: Sequence[Sink] = (),
     record: int = 1000,
+    stats: bool = False,
     **unknown: NoReturn,
 ) -> Watchdog:
     """Return a new, independent watchdog to use as a context manager.
@@ -139,6 +145,7 @@ def watch(
         callback: Called with each event, on loopguard's sampler thread.
         sinks: Further sinks.
         record: How many recent events to keep in memory.
+        stats: Collect loop statistics (see :func:`install`).
         **unknown: Rejected: any other keyword raises ``ValueError``.
 
     Returns:
@@ -154,6 +161,7 @@ def watch(
                 callback=callback,
                 sinks=tuple(sinks),
                 record=record,
+                stats=stats,
             ),
             dict(unknown),
         )

@@ -267,10 +267,10 @@ def diagnose(
     * Samples (or a dump) that show the loop idle in ``select()``: ``gil``; the hog
       is the other thread that used the most CPU, its stack from the last sample
       of all threads or from the dump; culprit is the hog's user frame.
-    * No samples, but a dump, and the loop thread used the CPU for most of the
-      stall (or, without CPU clocks, the dump shows it inside a callback):
-      ``c-held-gil``; culprit from the dump. If it did not, another thread held
-      the GIL: ``gil``, as above.
+    * No samples, but a dump, and the loop thread used more CPU during the stall
+      than any other thread (or, without CPU clocks, the dump shows it inside a
+      callback): ``c-held-gil``; culprit from the dump. If another thread used
+      more, that thread held the GIL: ``gil``, as above.
     * Nothing observed: ``unknown``.
 
     Args:
@@ -301,14 +301,19 @@ def diagnose(
         return Diagnosis("unknown", None, (), None, loop_cpu)
 
     stacks = folder.folded() if sampled and folder is not None else (StackSample(1, loop_stack),)
-    # With only a dump, the loop thread's CPU clock says whether it held the GIL.
-    waiting = is_idle(loop_stack) if sampled or loop_cpu is None else loop_cpu < 0.5
+    # With only a dump, the CPU clocks say who held the GIL: the thread that burned the
+    # most CPU during the stall (a ratio, so it holds on a machine short of cores).
+    candidates = {i: d for i, d in deltas.items() if i not in exclude}
+    busiest = max(candidates, key=candidates.__getitem__) if candidates else None
+    waiting = is_idle(loop_stack)  # a loop in select() holds nothing
+    if not waiting and not sampled and busiest is not None:
+        waiting = busiest != loop_ident
     if not waiting:
         culprit = culprit_of(callback_frames(loop_stack)) or culprit_of(loop_stack)
         return Diagnosis("blocked" if sampled else "c-held-gil", culprit, stacks, None, loop_cpu)
 
     # The loop was waiting for the GIL: name the thread that held it.
-    candidates = {i: d for i, d in deltas.items() if i != loop_ident and i not in exclude}
+    candidates.pop(loop_ident, None)
     views = [v for v in (others, dump) if v]
     hog_ident = max(candidates, key=candidates.__getitem__) if candidates else None
     if hog_ident is None or not any(hog_ident in v for v in views):

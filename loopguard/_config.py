@@ -37,6 +37,8 @@ class Config:
         callback: Call this function with every event (on the sampler thread).
         sinks: Further sinks to receive every event.
         record: How many recent events to keep in memory (``Watchdog.events``).
+        stats: Collect loop statistics (busy/idle time, pending callbacks, tasks);
+            costs a timer read per loop iteration, so it is off by default.
         precise: Time every callback (not available yet: accepted, noted once).
         blocking: Blocking-call guard mode (not available yet: accepted, noted once).
     """
@@ -48,6 +50,7 @@ class Config:
     callback: Callable[[Event], object] | None = None
     sinks: Sequence[Sink] = field(default_factory=tuple)
     record: int = 1000
+    stats: bool = False
     precise: bool = False
     blocking: BlockingMode = "off"
 
@@ -103,7 +106,8 @@ class Config:
 
         ``LOOPGUARD_THRESHOLD``, ``LOOPGUARD_INTERVAL`` (seconds), ``LOOPGUARD_JSON``
         (file), ``LOOPGUARD_LOG`` (``1``/``0``), ``LOOPGUARD_BLOCKING``
-        (``off|warn|raise|record``), ``LOOPGUARD_PRECISE`` (``1``/``0``).
+        (``off|warn|raise|record``), ``LOOPGUARD_PRECISE`` and ``LOOPGUARD_STATS``
+        (``1``/``0``).
 
         Raises:
             ValueError: A variable is unknown or has an invalid value (the message
@@ -117,6 +121,7 @@ class Config:
             "LOG": _flag,
             "BLOCKING": str,
             "PRECISE": _flag,
+            "STATS": _flag,
         }
         internal = {"SUMMARY", "BOOTSTRAPPED"}  # set by the CLI for its own use
         options: dict[str, Any] = {}

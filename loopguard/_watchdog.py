@@ -32,13 +32,27 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from . import metrics
 from ._attribution import attributes_of
 from ._causes import DUMP, CpuClocks, CpuSnapshot, diagnose
 from ._config import Config
+from ._loopstats import LoopStats, LoopStatsSnapshot
 from ._patch import Patch, cancel_import_hook, when_imported
 from ._sampling import StackFolder, sample_threads
 from ._stats import DelayHistogram, StallSummary
 from .events import Event, Frame, Stall
+from .metrics import (
+    EVENTLOOP_DELAY,
+    EVENTLOOP_PENDING_CALLBACKS,
+    EVENTLOOP_STALL_DURATION,
+    EVENTLOOP_STALLS,
+    EVENTLOOP_TASKS,
+    EVENTLOOP_TIME,
+    EVENTLOOP_UTILIZATION,
+)
+from .metrics import record as _record
 from .sinks import CallbackSink, JsonLinesSink, LoggingSink, RecordingSink, Sink, SinkSet
 
 __all__ = ["Watchdog"]
@@ -63,6 +77,7 @@ class _LoopWatch:
         "pending",
         "period",
         "running_task",
+        "stats",
         "thread_id",
         "thread_name",
         "threshold",
@@ -82,6 +97,10 @@ class _LoopWatch:
         self.attached = True
         self.detached_at = 0.0
         self.ongoing: _Ongoing | None = None  # sampler-only state
+        self.stats: LoopStats | None = None
+        if wd.config.stats:
+            self.stats = LoopStats(loop, kind, self.thread_name)
+            self.stats.start()
         if kind == "trio":
             self.is_running: Callable[[], bool] = lambda: self.attached
             self.running_task: Callable[[], Any] = lambda: None
@@ -94,7 +113,9 @@ class _LoopWatch:
         now = _monotonic()
         gap = now - self.last_tick
         self.last_tick = now
-        self.delay.record(gap - self.period)
+        late = gap - self.period
+        self.delay.record(late)
+        _record(EVENTLOOP_DELAY, late if late > 0.0 else 0.0)
         if gap >= self.threshold and len(self.pending) < 64:
             self.pending.append((now, gap))
 
@@ -183,6 +204,9 @@ def _patch_trio(module: ModuleType) -> None:
 
 
 _DUMP = DUMP
+# A dump reads other threads' frames without the GIL: safe while they wait, a data race
+# if one runs Python. Fire only after a delay no GIL hand-off or scheduler hiccup explains.
+_MIN_DUMP_MARGIN = 0.1
 
 
 def _hooks_on() -> None:
@@ -252,6 +276,8 @@ class Watchdog:
             _running.append(self)
             if len(_running) == 1:
                 _hooks_on()
+            if self.config.stats:
+                _observe_stats_once()
             _all_watchdogs.add(self)
         for note in ("precise", "blocking"):
             value = getattr(self.config, note)
@@ -282,6 +308,9 @@ class Watchdog:
         for watch in watches:
             watch.attached = False
             self._finished_delay.merge(watch.delay)
+            if watch.stats is not None:
+                watch.stats.stop()
+                _retire_stats(watch.stats)
         self.sinks.close()
 
     def __enter__(self) -> Watchdog:
@@ -312,6 +341,17 @@ class Watchdog:
             total.merge(watch.delay)
         return total
 
+    def stats(self) -> list[LoopStatsSnapshot]:
+        """Statistics of each watched loop since the previous call (``stats=True``).
+
+        Returns:
+            One snapshot per loop being watched; empty unless the watchdog was
+            created with ``stats=True``.
+        """
+        with self._lock:
+            watches = [w for w in self._watches if w.attached and w.stats is not None]
+        return [w.stats.snapshot("api") for w in watches if w.stats is not None]
+
     # -- attaching loops -------------------------------------------------------------
 
     def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -340,6 +380,8 @@ class Watchdog:
         if watch.handle is not None:
             watch.handle.cancel()
             watch.handle = None
+        if watch.stats is not None:
+            watch.stats.stop()
         self._wake.set()
 
     def _forget(self, watch: _LoopWatch) -> None:
@@ -347,6 +389,8 @@ class Watchdog:
             if watch in self._watches:
                 self._watches.remove(watch)
                 self._finished_delay.merge(watch.delay)
+        if watch.stats is not None:
+            _retire_stats(watch.stats)
 
     def _start_trio_heartbeat(self) -> None:
         import trio
@@ -364,6 +408,8 @@ class Watchdog:
             while True:
                 await trio.sleep(watch.period)
                 watch.stamp()
+                if watch.stats is not None:
+                    watch.stats.trio_stats = trio.lowlevel.current_statistics()
         finally:
             self._detach(watch)
 
@@ -407,6 +453,7 @@ class Watchdog:
         interval = self.config.period
         threshold = self.config.threshold
         tolerance = max(interval, 4 * sys.getswitchinterval())
+        dump_margin = max(threshold, _MIN_DUMP_MARGIN)
         planned = _monotonic()
         while not self._stop:
             now = _monotonic()
@@ -433,8 +480,10 @@ class Watchdog:
                 planned = _monotonic()
             else:
                 planned = max(next_wake, _monotonic() + 0.001)
-                # If this thread cannot run by then, someone holds the GIL: dump stacks.
-                _DUMP.arm(planned - now + interval / 2)
+                # If this thread still cannot run well after it should, someone holds
+                # the GIL in C: dump stacks. The margin keeps ordinary GIL hand-offs
+                # and scheduling delays from firing it (see _causes.GilFreeDump).
+                _DUMP.arm(planned - now + dump_margin)
                 self._wake.wait(planned - _monotonic())
             self._wake.clear()
 
@@ -529,6 +578,8 @@ class Watchdog:
             hog=found.hog,
             loop_cpu=found.loop_cpu,
         )
+        _record(EVENTLOOP_STALLS, 1, {"cause": stall.cause})
+        _record(EVENTLOOP_STALL_DURATION, stall.duration)
         self.sinks.emit(stall)
 
     def _after_fork_in_child(self) -> None:
@@ -541,6 +592,60 @@ class Watchdog:
             watch.ongoing = None
         if self.running and self._watches:
             self._ensure_thread()
+
+
+# -- loop statistics as metrics ---------------------------------------------------------
+
+_stats_observed = False
+_retired_time = {"active": 0.0, "idle": 0.0}  # loops that ended, for monotonic totals
+
+
+def _live_stats() -> list[LoopStats]:
+    out: list[LoopStats] = []
+    for wd in list(_running):
+        with wd._lock:
+            out.extend(w.stats for w in wd._watches if w.attached and w.stats is not None)
+    return out
+
+
+def _retire_stats(stats: LoopStats) -> None:
+    _retired_time["active"] += stats.active
+    _retired_time["idle"] += stats.idle
+    stats.active = stats.idle = 0.0
+
+
+def _observe_utilization(options: CallbackOptions) -> list[Observation]:
+    snaps = [s.snapshot("metrics") for s in _live_stats() if s.timed]
+    active = sum(s.active or 0.0 for s in snaps)
+    idle = sum(s.idle or 0.0 for s in snaps)
+    return [Observation(active / (active + idle))] if active + idle > 0 else []
+
+
+def _observe_time(options: CallbackOptions) -> list[Observation]:
+    live = _live_stats()
+    active = _retired_time["active"] + sum(s.active for s in live)
+    idle = _retired_time["idle"] + sum(s.idle for s in live)
+    return [Observation(active, {"state": "active"}), Observation(idle, {"state": "idle"})]
+
+
+def _observe_sum(field: str) -> Callable[[CallbackOptions], list[Observation]]:
+    def observe(options: CallbackOptions) -> list[Observation]:
+        values = [getattr(s.snapshot("gauge"), field) for s in _live_stats()]
+        known = [v for v in values if v is not None]
+        return [Observation(sum(known))] if known else []
+
+    return observe
+
+
+def _observe_stats_once() -> None:
+    global _stats_observed
+    if _stats_observed:
+        return
+    _stats_observed = True
+    metrics.observe(EVENTLOOP_UTILIZATION, _observe_utilization)
+    metrics.observe(EVENTLOOP_TIME, _observe_time)
+    metrics.observe(EVENTLOOP_PENDING_CALLBACKS, _observe_sum("pending_callbacks"))
+    metrics.observe(EVENTLOOP_TASKS, _observe_sum("tasks"))
 
 
 def _loop_kind(loop: object) -> str:
