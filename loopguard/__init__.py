@@ -15,6 +15,7 @@ from .events import Event as Event
 from .events import Frame as Frame
 from .events import Hog as Hog
 from .events import Offloaded as Offloaded
+from .events import SlowCallback as SlowCallback
 from .events import StackSample as StackSample
 from .events import Stall as Stall
 from .offload import checkpoint as checkpoint
@@ -40,6 +41,7 @@ __all__ = [
     "Offloaded",
     "RecordingSink",
     "Sink",
+    "SlowCallback",
     "StackSample",
     "Stall",
     "Watchdog",

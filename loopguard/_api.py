@@ -35,6 +35,7 @@ def install(
     record: int = 1000,
     stats: bool = False,
     precise: bool = False,
+    slow_callback: float | None = None,
     blocking: BlockingMode = "off",
     **unknown: NoReturn,
 ) -> Watchdog:
@@ -58,7 +59,10 @@ def install(
         stats: Collect loop statistics (``Watchdog.stats()`` and the utilization,
             time, pending-callback and task metrics); costs a timer read per loop
             iteration.
-        precise: Per-callback timing (not available yet; accepted and noted).
+        precise: Time every callback on asyncio's own loops; callbacks longer than
+            ``slow_callback`` (but shorter than ``threshold``) become
+            ``SlowCallback`` events. uvloop and trio: noted once, watchdog only.
+        slow_callback: Precise mode's report threshold (default ``threshold/2``).
         blocking: Blocking-call guard (not available yet; accepted and noted).
         **unknown: Rejected: any other keyword raises ``ValueError``.
 
@@ -80,6 +84,7 @@ def install(
             record=record,
             stats=stats,
             precise=precise,
+            slow_callback=slow_callback,
             blocking=blocking,
         ),
         dict(unknown),

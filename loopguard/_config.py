@@ -39,7 +39,10 @@ class Config:
         record: How many recent events to keep in memory (``Watchdog.events``).
         stats: Collect loop statistics (busy/idle time, pending callbacks, tasks);
             costs a timer read per loop iteration, so it is off by default.
-        precise: Time every callback (not available yet: accepted, noted once).
+        precise: Time every callback on asyncio's own loops and report callbacks
+            longer than ``slow_callback`` as ``SlowCallback`` events.
+        slow_callback: Seconds a callback may run before precise mode reports it
+            (default ``threshold / 2``); must be smaller than ``threshold``.
         blocking: Blocking-call guard mode (not available yet: accepted, noted once).
     """
 
@@ -52,6 +55,7 @@ class Config:
     record: int = 1000
     stats: bool = False
     precise: bool = False
+    slow_callback: float | None = None
     blocking: BlockingMode = "off"
 
     def __post_init__(self) -> None:
@@ -67,6 +71,13 @@ class Config:
             raise ValueError(
                 f"interval ({interval!r} s) must be smaller than threshold ({threshold!r} s)"
             )
+        if self.slow_callback is not None:
+            slow = _number("slow_callback", self.slow_callback)
+            if not 0 < slow < threshold:
+                raise ValueError(
+                    f"slow_callback must be > 0 and smaller than threshold ({threshold!r} s), "
+                    f"got {self.slow_callback!r}"
+                )
         if self.blocking not in _BLOCKING_MODES:
             raise ValueError(
                 f"blocking must be one of {', '.join(_BLOCKING_MODES)}; got {self.blocking!r}"
@@ -78,6 +89,11 @@ class Config:
         for sink in self.sinks:
             if not callable(getattr(sink, "emit", None)):
                 raise ValueError(f"sinks: {sink!r} has no emit(event) method")
+
+    @property
+    def slow_threshold(self) -> float:
+        """Seconds after which precise mode reports a callback."""
+        return self.slow_callback if self.slow_callback is not None else self.threshold / 2
 
     @property
     def period(self) -> float:
@@ -122,6 +138,7 @@ class Config:
             "BLOCKING": str,
             "PRECISE": _flag,
             "STATS": _flag,
+            "SLOW_CALLBACK": float,
         }
         internal = {"SUMMARY", "BOOTSTRAPPED"}  # set by the CLI for its own use
         options: dict[str, Any] = {}

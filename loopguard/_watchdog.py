@@ -36,6 +36,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from . import metrics
 from ._attribution import attributes_of
+from ._callbacks import TIMER
 from ._causes import DUMP, CpuClocks, CpuSnapshot, diagnose
 from ._config import Config
 from ._loopstats import LoopStats, LoopStatsSnapshot
@@ -46,6 +47,7 @@ from .events import Event, Frame, Stall
 from .metrics import (
     EVENTLOOP_DELAY,
     EVENTLOOP_PENDING_CALLBACKS,
+    EVENTLOOP_SLOW_CALLBACKS,
     EVENTLOOP_STALL_DURATION,
     EVENTLOOP_STALLS,
     EVENTLOOP_TASKS,
@@ -262,6 +264,7 @@ class Watchdog:
         self._snapshot: CpuSnapshot | None = None
         self._dump: tuple[float, dict[int, tuple[Frame, ...]]] | None = None
         self._dump_seq = 0
+        self._noticed: set[str] = set()
         self.running = False
 
     # -- lifecycle -----------------------------------------------------------------
@@ -279,12 +282,13 @@ class Watchdog:
             if self.config.stats:
                 _observe_stats_once()
             _all_watchdogs.add(self)
-        for note in ("precise", "blocking"):
-            value = getattr(self.config, note)
-            if value not in (False, "off"):
-                logger.warning(
-                    "loopguard: %s=%r is not available in this version; ignored", note, value
-                )
+        if self.config.blocking != "off":
+            logger.warning(
+                "loopguard: blocking=%r is not available in this version; ignored",
+                self.config.blocking,
+            )
+        if self.config.precise:
+            TIMER.add(self, self.config.slow_threshold, self.config.threshold)
         self._attach_running_loops()
         return self
 
@@ -297,6 +301,7 @@ class Watchdog:
             _running.remove(self)
             if not _running:
                 _hooks_off()
+            TIMER.remove(self)
         self._stop = True
         self._wake.set()
         thread = self._thread
@@ -365,6 +370,13 @@ class Watchdog:
                     return None
                 watch = _LoopWatch(self, loop, kind)
                 self._watches.append(watch)
+                if self.config.precise and kind != "asyncio" and kind not in self._noticed:
+                    self._noticed.add(kind)
+                    logger.warning(
+                        "loopguard: precise mode times callbacks of asyncio's own loops only; "
+                        "%s loops are watched by the sampling watchdog alone",
+                        kind,
+                    )
             if kind != "trio":
                 watch.handle = loop.call_later(watch.period, watch.asyncio_tick)
             self._ensure_thread()
@@ -463,6 +475,10 @@ class Watchdog:
                 self._dump_seq = _DUMP.seq
                 self._dump = (now, _DUMP.latest)
             snapshot = self._clocks.snapshot()
+            if self.config.precise:
+                for slow in TIMER.drain():
+                    _record(EVENTLOOP_SLOW_CALLBACKS, 1)
+                    self.sinks.emit(slow)
             next_wake = now + threshold
             with self._lock:
                 watches = list(self._watches)

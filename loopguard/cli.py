@@ -30,7 +30,8 @@ examples:
   loopguard run -- python -m mypackage
 
 Every option can also be set with an environment variable: LOOPGUARD_THRESHOLD,
-LOOPGUARD_INTERVAL, LOOPGUARD_JSON, LOOPGUARD_BLOCKING, LOOPGUARD_PRECISE, LOOPGUARD_LOG.
+LOOPGUARD_INTERVAL, LOOPGUARD_JSON, LOOPGUARD_BLOCKING, LOOPGUARD_PRECISE,
+LOOPGUARD_SLOW_CALLBACK, LOOPGUARD_STATS, LOOPGUARD_LOG.
 Each stall is reported on stderr when it ends; a summary is printed at exit.
 """
 
@@ -87,7 +88,21 @@ def _parser() -> argparse.ArgumentParser:
         help="blocking-call guard mode (default off)",
     )
     run.add_argument(
-        "--precise", action="store_true", help="time every callback (pure-Python loops)"
+        "--precise",
+        action="store_true",
+        help="time every callback on asyncio's own loops; report slow ones (not uvloop)",
+    )
+    run.add_argument(
+        "--slow-callback",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="with --precise: report callbacks longer than S (default threshold/2)",
+    )
+    run.add_argument(
+        "--stats",
+        action="store_true",
+        help="collect loop statistics: utilization, pending callbacks, tasks (metrics)",
     )
     run.add_argument("--no-summary", action="store_true", help="print no summary at exit")
     run.add_argument(
@@ -139,6 +154,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "INTERVAL": args.interval,
         "BLOCKING": args.blocking,
         "PRECISE": "1" if args.precise else None,
+        "SLOW_CALLBACK": args.slow_callback,
+        "STATS": "1" if args.stats else None,
     }
     if args.json is not None:
         path = Path(args.json).resolve()

@@ -12,7 +12,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["Event", "Frame", "Hog", "Offloaded", "StackSample", "Stall"]
+__all__ = [
+    "BlockingCall",
+    "Event",
+    "Frame",
+    "Hog",
+    "Offloaded",
+    "SlowCallback",
+    "StackSample",
+    "Stall",
+]
 
 
 @dataclass(frozen=True)
@@ -183,3 +192,74 @@ class Offloaded(Event):
             f"over its inline budget of {self.budget * 1000:.1f} ms; "
             f"its calls run in {target} from now on"
         )
+
+
+@dataclass(frozen=True)
+class BlockingCall(Event):
+    """A call that blocks (sleep, file or network I/O, a lock wait) made on a loop thread.
+
+    Reported by the blocking-call guard (``install(blocking=...)``, the pytest
+    plugin, :class:`~loopguard.BlockingGuard`) for calls made on a thread that is
+    running an event loop, never for calls made in worker threads.
+
+    Attributes:
+        function: Catalogue name of the call, for example ``"time.sleep"`` or
+            ``"socket.socket.recv"``.
+        duration: Seconds the call took (``0.0`` when the call was refused with
+            :class:`~loopguard.BlockingCallError` before it ran).
+        task: Name of the task that made the call, when known.
+        stack: The caller's stack, outermost first and innermost last (the frame
+            that made the call is last; loopguard's own frames are left out).
+        action: What the guard did: ``"warn"`` (logged), ``"raise"`` (refused the
+            call) or ``"record"`` (event only).
+        culprit: The frame to blame: the deepest frame of user code in ``stack``
+            (library code when no user frame is there).
+        thread: Name of the loop thread.
+        loop: Kind of loop: ``"asyncio"``, ``"uvloop"`` or ``"trio"``.
+        suppressed: Calls from the same line not reported as events since the
+            previous event from it (per-site rate limit; ``0`` when none).
+    """
+
+    kind: ClassVar[str] = "blocking_call"
+
+    function: str
+    duration: float
+    task: str | None
+    stack: tuple[Frame, ...]
+    action: str
+    culprit: Frame | None = None
+    thread: str = ""
+    loop: str = "asyncio"
+    suppressed: int = 0
+
+
+@dataclass(frozen=True)
+class SlowCallback(Event):
+    """A callback ran longer than ``slow_callback`` but shorter than the stall threshold.
+
+    Reported only in precise mode (``install(precise=True)``), which times every
+    callback on pure-Python asyncio loops. Callbacks that reach the threshold are
+    reported once, as a :class:`Stall` with sampled stacks, never also as this.
+
+    Attributes:
+        duration: How long the callback ran, in seconds.
+        callback: What ran: the coroutine's qualified name for a task step, else the
+            callback's qualified name.
+        task: Name of the task whose step it was, if any.
+        culprit: The function that ran (its file and first line): a callback this
+            short is not sampled, so the exact line is not known.
+        thread: Name of the loop thread.
+    """
+
+    kind: ClassVar[str] = "slow_callback"
+
+    duration: float
+    callback: str
+    task: str | None
+    culprit: Frame | None
+    thread: str = ""
+
+    def __str__(self) -> str:
+        task = f" in task {self.task!r}" if self.task else ""
+        where = f" ({self.culprit.file}:{self.culprit.line})" if self.culprit else ""
+        return f"slow callback: {self.callback}{where} ran {self.duration * 1000:.0f} ms{task}"

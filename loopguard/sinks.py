@@ -139,7 +139,9 @@ class LoggingSink:
     def emit(self, event: Event) -> None:
         """Log a stall (other events are logged as their JSON form)."""
         if not isinstance(event, Stall):
-            self.logger.warning("%s", json.dumps(event.to_dict()))
+            # Events that describe themselves are logged as prose, others as JSON.
+            own_str = type(event).__str__ is not Event.__str__
+            self.logger.warning("%s", event if own_str else json.dumps(event.to_dict()))
             return
         key = (event.culprit.file, event.culprit.line) if event.culprit else None
         now = time.monotonic()
