@@ -276,7 +276,8 @@ SPECS: Mapping[str, MetricSpec] = MappingProxyType(
 """Every metric loopguard can report, by name."""
 
 Attributes = Mapping[str, str | bool | int | float]
-ObservableCallback = Callable[[otel_metrics.CallbackOptions], Iterable[otel_metrics.Observation]]
+ObservableCallback = Callable[[], Iterable[tuple[float, Attributes | None]]]
+"""Returns the current ``(value, attributes)`` pairs of an observed metric."""
 
 
 class _Noop:
@@ -403,13 +404,16 @@ def record(name: str, value: float, attributes: Attributes | None = None) -> Non
 def observe(name: str, callback: ObservableCallback | None) -> None:
     """Report a metric through a callback the SDK calls at each collection; never raises.
 
-    One callback per metric: observing a name again replaces its callback, ``None``
-    stops reporting it. The callback survives :func:`use_meter_provider`. A callback
-    that raises is logged once and reports nothing for that collection.
+    Use it for values that already exist somewhere (a count kept by the caller, a
+    queue's length): they cost nothing until the SDK collects. One callback per
+    metric: observing a name again replaces its callback, ``None`` stops reporting
+    it. The callback survives :func:`use_meter_provider`. A callback that raises is
+    logged once and reports nothing for that collection.
 
     Args:
         name: One of the names in :data:`SPECS` (counter, updowncounter or gauge).
-        callback: Called with ``CallbackOptions``; returns ``Observation`` objects.
+        callback: Called at each collection, from the SDK's thread; returns
+            ``(value, attributes)`` pairs (absolute values, also for counters).
 
     Raises:
         KeyError: The name is not in :data:`SPECS` (a programming error).
@@ -435,7 +439,7 @@ def _register_observable(spec: MetricSpec) -> bool:
         if callback is None:
             return []
         try:
-            return list(callback(options))
+            return [otel_metrics.Observation(value, attrs) for value, attrs in callback()]
         except Exception:
             _log_failure(name, "callback raised")
             return []

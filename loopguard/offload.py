@@ -33,6 +33,7 @@ import sys
 import threading
 import traceback
 import types
+import weakref
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -316,70 +317,77 @@ class _Offload:
         self.cancellable = options.cancellable
         self.inline = options.budget is not None
         self._switch_lock = threading.Lock()
-        self._limit = _resolve_limit(options.limit, self.name)
+        self._limit = _resolve_limit(options.limit)
         self._remote: object = None
+        self.call = self._call_thread if self.mode == "thread" else self._call_elsewhere
         attributes: dict[str, str] = {"mode": self.mode}
         if options.name_in_metrics:
             attributes["function"] = (
                 self.name if options.name_in_metrics is True else str(options.name_in_metrics)
             )
         self.attributes: metrics.Attributes = attributes
+        self._active_key = tuple(sorted(attributes.items()))
+        _active.watch()
         if self.mode == "process" or isinstance(
             self.executor, concurrent.futures.ProcessPoolExecutor
         ):
             _check_importable(func, self.name)
 
-    # The offloaded path ---------------------------------------------------------------
+    # The offloaded paths -------------------------------------------------------------
 
-    async def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run one call in the worker and report its metrics."""
+    async def _call_thread(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run one call in a worker thread: the hot path, kept to one coroutine."""
         attributes = self.attributes
-        metrics.record(metrics.OFFLOAD_ACTIVE, 1, attributes)
+        active = self._active_key
+        _active.add(active, 1)
         submitted = perf_counter()
-        timing = [0.0, 0.0]  # started, ended: filled by the worker or from its report
+        # A limit slot is held by the call itself, not by the task, so that it lasts
+        # as long as the body. Without a limit, anyio's default thread limiter applies.
+        limiter = None if self._limit is None else self._limiter()
+        track = _Track(limiter)
         try:
-            if self.mode == "thread":
-                return await self._in_thread(args, kwargs, timing)
-            if self.mode == "process":
-                return await self._in_process(args, kwargs, timing)
-            return await self._in_executor(args, kwargs, timing)
+            if limiter is not None:
+                await track.acquire()
+            try:
+                result = await anyio.to_thread.run_sync(
+                    _run_tracked,
+                    track,
+                    self.func,
+                    args,
+                    kwargs,
+                    abandon_on_cancel=True,
+                    limiter=None if limiter is None else _unbounded(),
+                )
+            except BaseException as exc:
+                await track.stop_waiting(exc, self.cancellable)
+                raise
+            track.release()
+            return result
         finally:
-            metrics.record(metrics.OFFLOAD_ACTIVE, -1, attributes)
-            started, ended = timing
-            if ended:
-                metrics.record(metrics.OFFLOAD_WAIT_DURATION, started - submitted, attributes)
-                metrics.record(metrics.OFFLOAD_RUN_DURATION, ended - started, attributes)
+            _active.add(active, -1)
+            track.report(submitted, attributes)
 
-    async def _in_thread(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], timing: list[float]
-    ) -> Any:
-        # The slot (the function's limit, else anyio's default thread limit) is held
-        # by the call itself, not by the task, so that it lasts as long as the body.
-        call = _Call(self._limiter() or anyio.to_thread.current_default_thread_limiter())
-        await call.acquire()
+    async def _call_elsewhere(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run one call in a worker process or an executor."""
+        attributes = self.attributes
+        active = self._active_key
+        _active.add(active, 1)
+        submitted = perf_counter()
+        track = _Track(None)
         try:
-            return await anyio.to_thread.run_sync(
-                call.run,
-                self.func,
-                args,
-                kwargs,
-                timing,
-                abandon_on_cancel=True,
-                limiter=_unbounded(),
-            )
-        except BaseException as exc:
-            if not self.cancellable and isinstance(exc, anyio.get_cancelled_exc_class()):
-                await call.see_through()
-            raise
+            if self.mode == "process":
+                return await self._in_process(args, kwargs, track)
+            return await self._in_executor(args, kwargs, track)
         finally:
-            call.leave()
+            _active.add(active, -1)
+            track.report(submitted, attributes)
 
     async def _in_process(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], timing: list[float]
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], track: _Track
     ) -> Any:
         payload = self._pickle_call(args, kwargs)
-        call = _Call(self._limiter() or anyio.to_process.current_default_process_limiter())
-        await call.acquire()
+        track.limiter = self._limiter() or anyio.to_process.current_default_process_limiter()
+        await track.acquire()
         try:
             if self.cancellable:  # anyio kills the worker process if we are cancelled
                 reply = await anyio.to_process.run_sync(
@@ -390,29 +398,36 @@ class _Offload:
                     anyio.to_process.run_sync, _process_entry, payload, limiter=_unbounded()
                 )
         finally:
-            call.release()  # the worker is done with it, or was killed
-        return _unpack(pickle.loads(reply), timing)
+            track.release()  # the worker is done with the call, or was killed
+        return _unpack(pickle.loads(reply), track)
 
     async def _in_executor(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], timing: list[float]
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], track: _Track
     ) -> Any:
         executor = cast(concurrent.futures.Executor, self.executor)
-        call = _Call(self._limiter())
-        await call.acquire()
+        track.limiter = self._limiter()
+        await track.acquire()
         in_process = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
         try:
             if in_process:
                 context = contextvars.copy_context()
-                future = executor.submit(context.run, _run_timed, self.func, args, kwargs, timing)
+                future = executor.submit(context.run, _run_timed, track, self.func, args, kwargs)
             else:
                 future = executor.submit(_executor_entry, self._remote_target(), args, kwargs)
-            # The executor owns the job now; its future says when the job is over.
-            call.started()
-            future.add_done_callback(call.finish)
+        except BaseException:
+            track.release()
+            raise
+        # The executor owns the job now: it runs it or cancels it, and its future says
+        # when either is over.
+        track.claim_start()
+        future.add_done_callback(track.finish)
+        try:
             value = await _wait_future(future, self.cancellable)
-        finally:
-            call.leave()
-        return value if in_process else _unpack(value, timing)
+        except BaseException:
+            track.leave()
+            raise
+        track.release()
+        return value if in_process else _unpack(value, track)
 
     # Helpers -------------------------------------------------------------------------
 
@@ -469,15 +484,58 @@ class _Offload:
                 logger.exception("loopguard could not report that %s moved off the loop", self.name)
 
 
+class _ActiveCalls:
+    """Offloaded calls in progress, per attribute set, read when metrics are collected.
+
+    Counting here and observing at collection time keeps two metric updates per call
+    off the hot path (with an SDK, each costs several microseconds).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[tuple[str, str | bool | int | float], ...], int] = {}
+        self._watched = False
+
+    def watch(self) -> None:
+        if not self._watched:
+            self._watched = True
+            metrics.observe(metrics.OFFLOAD_ACTIVE, self.values)
+
+    def add(self, key: tuple[tuple[str, str | bool | int | float], ...], delta: int) -> None:
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + delta
+
+    def values(self) -> list[tuple[float, metrics.Attributes | None]]:
+        with self._lock:
+            return [(count, dict(key)) for key, count in self._counts.items()]
+
+
+_active = _ActiveCalls()
+
+
 def _run_timed(
-    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], timing: list[float]
+    track: _Track, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     # Runs in the worker thread.
-    timing[0] = perf_counter()
+    track.started = perf_counter()
     try:
         return func(*args, **kwargs)
     finally:
-        timing[1] = perf_counter()
+        track.ended = perf_counter()
+
+
+def _run_tracked(
+    track: _Track, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    # Runs in an anyio worker thread.
+    if not track.claim_start():
+        return None  # the caller stopped waiting before the body started: skip it
+    track.started = perf_counter()
+    try:
+        return func(*args, **kwargs)
+    finally:
+        track.ended = perf_counter()
+        track.finish()
 
 
 def _task_name() -> str | None:
@@ -507,30 +565,49 @@ class _PerLoopLimit:
     """A limit of ``total`` concurrent calls, with one ``CapacityLimiter`` per event loop.
 
     anyio's limiters belong to the loop that first uses them, while a decorated
-    function may be called from several loops (threads, successive ``asyncio.run``).
+    function may be called from several loops (threads, successive ``asyncio.run``,
+    trio). The last loop's limiter is cached: looking it up costs a weak reference,
+    not a run-variable lookup.
     """
 
-    __slots__ = ("_var", "total")
+    __slots__ = ("_by_loop", "_last", "total")
 
-    def __init__(self, name: str, total: int) -> None:
+    def __init__(self, total: float) -> None:
         self.total = total
-        self._var: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(name)
+        self._by_loop: weakref.WeakKeyDictionary[object, anyio.CapacityLimiter] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._last: tuple[weakref.ref[object], anyio.CapacityLimiter] | None = None
 
     def limiter(self) -> anyio.CapacityLimiter:
-        limiter = self._var.get(None)
-        if limiter is None:
-            limiter = anyio.CapacityLimiter(self.total)
-            self._var.set(limiter)
-        elif limiter.total_tokens != self.total:
+        key = _loop_key()
+        last = self._last
+        if last is not None and last[0]() is key:
+            limiter = last[1]
+        else:
+            found = self._by_loop.get(key)
+            if found is None:
+                found = self._by_loop[key] = anyio.CapacityLimiter(self.total)
+            limiter = found
+            self._last = (weakref.ref(key), limiter)
+        if limiter.total_tokens != self.total:
             limiter.total_tokens = self.total
         return limiter
 
 
+def _loop_key() -> object:
+    """The running event loop (asyncio, uvloop) or trio run, as a weak-referenceable key."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        import trio
+
+        return trio.lowlevel.current_trio_token()
+
+
 _shared_limits: dict[str, _PerLoopLimit] = {}
 _shared_lock = threading.Lock()
-_unbounded_var: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
-    "loopguard.offload.unbounded"
-)
+_unbounded = _PerLoopLimit(math.inf).limiter
 
 
 def set_offload_limit(name: str, total: int) -> None:
@@ -554,49 +631,40 @@ def set_offload_limit(name: str, total: int) -> None:
     with _shared_lock:
         shared = _shared_limits.get(name)
         if shared is None:
-            _shared_limits[name] = _PerLoopLimit(f"loopguard.offload.limit:{name}", total)
+            _shared_limits[name] = _PerLoopLimit(total)
         else:
             shared.total = total
 
 
-def _resolve_limit(limit: Limit, name: str) -> _PerLoopLimit | str | anyio.CapacityLimiter | None:
+def _resolve_limit(limit: Limit) -> _PerLoopLimit | str | anyio.CapacityLimiter | None:
     if isinstance(limit, int):
-        return _PerLoopLimit(f"loopguard.offload.limit.{name}", limit)
+        return _PerLoopLimit(limit)
     return limit
 
 
-def _unbounded() -> anyio.CapacityLimiter:
-    limiter = _unbounded_var.get(None)
-    if limiter is None:
-        limiter = anyio.CapacityLimiter(math.inf)
-        _unbounded_var.set(limiter)
-    return limiter
-
-
-class _Call:
+class _Track:
     """One offloaded call, as both the waiting task and the worker see it.
 
-    It holds the call's limiter slot. The worker side marks the body running
-    (:meth:`run` in a worker thread, :meth:`started` once an executor has the job)
-    and finished (:meth:`finish`, from any thread). The task calls :meth:`leave`
-    when it stops waiting: the slot goes back at once if the body never started or
-    has returned, otherwise when it returns. A body that has not started when the
-    task leaves is skipped.
+    It holds the call's limiter slot (if any) and its timing. Two one-item lists
+    settle the races between the task and the worker without a lock, since
+    ``list.pop`` is atomic: whoever pops ``_start`` first owns the start (the worker
+    runs the body, or the task drops it); whoever pops ``_end`` first is first at the
+    end, and the other one finishes the job (the worker wakes the task or gives the
+    slot back; the task gives the slot back itself).
     """
 
-    __slots__ = ("_finished", "_left", "_limiter", "_lock", "_running", "_soon", "_wake")
+    __slots__ = ("_end", "_start", "ended", "limiter", "started", "waker")
 
     def __init__(self, limiter: anyio.CapacityLimiter | None) -> None:
-        self._limiter = limiter
-        self._lock = threading.Lock()
-        self._running = False
-        self._finished = False
-        self._left = False
-        self._soon: Callable[[Callable[[], object]], None] | None = None
-        self._wake: Callable[[], object] | None = None
+        self.limiter = limiter
+        self._start: list[None] = [None]
+        self._end: list[None] = [None]
+        self.started = 0.0
+        self.ended = 0.0
+        self.waker: Callable[[], object] | None = None
 
     async def acquire(self) -> None:
-        limiter = self._limiter
+        limiter = self.limiter
         if limiter is None:
             return
         try:
@@ -606,63 +674,60 @@ class _Call:
             await limiter.acquire_on_behalf_of(self)
 
     def release(self) -> None:
-        if self._limiter is not None:
+        if self.limiter is not None:
             with contextlib.suppress(Exception):
-                self._limiter.release_on_behalf_of(self)
+                self.limiter.release_on_behalf_of(self)
 
-    # The worker's side (any thread).
-
-    def run(
-        self,
-        func: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        timing: list[float],
-    ) -> Any:
-        with self._lock:
-            if self._left:
-                return None  # the caller left before the body started: skip it
-            self._running = True
+    def claim_start(self) -> bool:
         try:
-            return _run_timed(func, args, kwargs, timing)
-        finally:
-            self.finish()
-
-    def started(self) -> None:
-        with self._lock:
-            self._running = True
+            self._start.pop()
+        except IndexError:
+            return False
+        return True
 
     def finish(self, *_: object) -> None:
-        with self._lock:
-            self._finished = True
-            soon = self._soon if self._left else None
-            wake = self._wake
-        if soon is not None:
-            soon(self.release)
-        if wake is not None:
-            wake()
+        """The body has returned (any thread)."""
+        try:
+            self._end.pop()
+        except IndexError:
+            waker = self.waker  # the task left first, and left this behind
+            if waker is not None:
+                waker()
 
-    # The task's side (the loop thread).
+    def report(self, submitted: float, attributes: metrics.Attributes) -> None:
+        if self.ended:
+            metrics.record(metrics.OFFLOAD_WAIT_DURATION, self.started - submitted, attributes)
+            metrics.record(metrics.OFFLOAD_RUN_DURATION, self.ended - self.started, attributes)
 
-    async def see_through(self) -> None:
-        """Wait until the body has returned, whatever cancellation arrives meanwhile."""
-        done = anyio.Event()
-        soon = _threadsafe_scheduler()
-        with self._lock:
-            if self._finished or not self._running:
-                self._left = True  # not started: it never will
-                return
-            self._wake = lambda: soon(done.set)
-        await _shielded_wait(done)
+    async def stop_waiting(self, exc: BaseException, cancellable: bool) -> None:
+        """The task stops waiting for a worker thread because of ``exc``."""
+        if self.claim_start():
+            self.release()  # the body never started, and now never will
+            return
+        if not cancellable and isinstance(exc, anyio.get_cancelled_exc_class()):
+            # See the body through, whatever cancellation arrives meanwhile.
+            done = anyio.Event()
+            soon = _threadsafe_scheduler()
+            self.waker = lambda: soon(done.set)
+            if self._first_at_end():
+                await _shielded_wait(done)
+        self.leave()
 
     def leave(self) -> None:
-        with self._lock:
-            self._left = True
-            release = self._finished or not self._running
-            if not release:
-                self._soon = _threadsafe_scheduler()
-        if release:
+        """Give the slot back now if the body has returned, else when it returns."""
+        if self.limiter is None:
+            return
+        soon = _threadsafe_scheduler()
+        self.waker = lambda: soon(self.release)
+        if not self._first_at_end():
             self.release()
+
+    def _first_at_end(self) -> bool:
+        try:
+            self._end.pop()
+        except IndexError:
+            return False
+        return True
 
 
 def _threadsafe_scheduler() -> Callable[[Callable[[], object]], None]:
@@ -873,10 +938,10 @@ def _executor_entry(target: object, args: tuple[Any, ...], kwargs: dict[str, Any
     return _call_remote(target, args, kwargs)
 
 
-def _unpack(outcome: tuple[bool, Any, str, float], timing: list[float]) -> Any:
+def _unpack(outcome: tuple[bool, Any, str, float], track: _Track) -> Any:
     ok, value, text, run = outcome
-    ended = perf_counter()
-    timing[0], timing[1] = ended - run, ended
+    track.ended = perf_counter()
+    track.started = track.ended - run
     if ok:
         return value
     if text:

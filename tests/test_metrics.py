@@ -13,7 +13,6 @@ from typing import Any
 
 import anyio
 import pytest
-from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     HistogramDataPoint,
@@ -77,6 +76,17 @@ def number_points(metric: Metric) -> list[NumberDataPoint]:
     return points  # type: ignore[return-value]
 
 
+def active_calls(reader: InMemoryMetricReader, **attributes: str) -> float | None:
+    """The observed number of active calls with exactly these attributes."""
+    metric = collect(reader).get(metrics.OFFLOAD_ACTIVE)
+    if metric is None:
+        return None
+    for point in number_points(metric):
+        if dict(point.attributes or {}) == attributes:
+            return point.value
+    return None
+
+
 # -- the table ---------------------------------------------------------------------------
 
 
@@ -130,7 +140,7 @@ def test_unknown_names_are_programming_errors() -> None:
     with pytest.raises(KeyError, match="not a loopguard metric"):
         metrics.instrument("asyncio.eventloop.nope")
     with pytest.raises(ValueError, match="histogram"):
-        metrics.observe(metrics.EVENTLOOP_DELAY, lambda options: [])
+        metrics.observe(metrics.EVENTLOOP_DELAY, lambda: [])
 
 
 # -- offload metrics end to end ------------------------------------------------------------
@@ -145,7 +155,7 @@ def _sleep_then_maybe_fail(seconds: float, fail: bool = False) -> None:
 async def test_offload_wait_run_and_active(
     anyio_backend: object, reader: InMemoryMetricReader
 ) -> None:
-    limited = loopguard.offload(limit=1)(_sleep_then_maybe_fail)
+    limited = loopguard.offload(limit=1, name_in_metrics="e2e")(_sleep_then_maybe_fail)
     async with anyio.create_task_group() as tg:
         for _ in range(3):
             tg.start_soon(limited, 0.05)
@@ -160,14 +170,14 @@ async def test_offload_wait_run_and_active(
     }
     [run] = histogram_points(found[metrics.OFFLOAD_RUN_DURATION])
     [wait] = histogram_points(found[metrics.OFFLOAD_WAIT_DURATION])
-    [active] = number_points(found[metrics.OFFLOAD_ACTIVE])
     assert run.count == wait.count == 4  # the failed call counts too
     assert 0.16 <= run.sum < 1.0
     # limit=1: the three calls queue, the second waits ~50 ms, the third ~100 ms.
     assert wait.max >= 0.09
     assert 0.14 <= wait.sum < 1.0
-    assert active.value == 0
-    assert dict(run.attributes or {}) == dict(active.attributes or {}) == {"mode": "thread"}
+    expected = {"mode": "thread", "function": "e2e"}
+    assert active_calls(reader, **expected) == 0
+    assert dict(run.attributes or {}) == dict(wait.attributes or {}) == expected
     assert tuple(run.explicit_bounds) == metrics.SPECS[metrics.OFFLOAD_RUN_DURATION].buckets
     assert found[metrics.OFFLOAD_RUN_DURATION].unit == "s"
     assert found[metrics.OFFLOAD_ACTIVE].unit == "{call}"
@@ -183,17 +193,15 @@ async def test_active_counts_calls_in_progress(
         started.release()
         release.wait(10)
 
-    call = loopguard.offload(held)
+    call = loopguard.offload(name_in_metrics="held")(held)
     async with anyio.create_task_group() as tg:
         for _ in range(3):
             tg.start_soon(call)
         for _ in range(3):
             await anyio.to_thread.run_sync(started.acquire)
-        [active] = number_points(collect(reader)[metrics.OFFLOAD_ACTIVE])
-        assert active.value == 3
+        assert active_calls(reader, mode="thread", function="held") == 3
         release.set()
-    [active] = number_points(collect(reader)[metrics.OFFLOAD_ACTIVE])
-    assert active.value == 0
+    assert active_calls(reader, mode="thread", function="held") == 0
 
 
 async def test_function_name_only_when_asked(
@@ -222,10 +230,13 @@ async def test_function_name_only_when_asked(
 async def test_inline_adaptive_calls_record_nothing(
     anyio_backend: object, reader: InMemoryMetricReader
 ) -> None:
-    adaptive = loopguard.offload(adaptive=1.0)(_sleep_then_maybe_fail)
+    adaptive = loopguard.offload(adaptive=1.0, name_in_metrics="inline")(_sleep_then_maybe_fail)
     for _ in range(5):
         await adaptive(0)
-    assert collect(reader) == {}
+    found = collect(reader)
+    assert metrics.OFFLOAD_RUN_DURATION not in found
+    assert metrics.OFFLOAD_WAIT_DURATION not in found
+    assert active_calls(reader, mode="thread", function="inline") is None
 
 
 @loopguard.offload(process=True)
@@ -260,7 +271,7 @@ def test_a_failing_meter_never_raises(
     try:
         for _ in range(3):
             metrics.record(metrics.OFFLOAD_ACTIVE, 1, {"mode": "thread"})
-        metrics.observe(metrics.EVENTLOOP_TASKS, lambda options: [])
+        metrics.observe(metrics.EVENTLOOP_TASKS, lambda: [])
     finally:
         monkeypatch.undo()
         metrics.observe(metrics.EVENTLOOP_TASKS, None)
@@ -296,12 +307,12 @@ def test_a_failing_instrument_is_disabled_and_logged_once(
 def test_observe_replaces_and_survives_a_provider_change(
     reader: InMemoryMetricReader, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(options: CallbackOptions) -> Iterable[Observation]:
+    def broken() -> Iterable[tuple[float, None]]:
         raise RuntimeError("callback bug")
 
     try:
-        metrics.observe(metrics.EVENTLOOP_TASKS, lambda options: [Observation(3)])
-        metrics.observe(metrics.EVENTLOOP_TASKS, lambda options: [Observation(7)])
+        metrics.observe(metrics.EVENTLOOP_TASKS, lambda: [(3, None)])
+        metrics.observe(metrics.EVENTLOOP_TASKS, lambda: [(7, None)])
         [point] = number_points(collect(reader)[metrics.EVENTLOOP_TASKS])
         assert point.value == 7
 

@@ -528,11 +528,12 @@ async def test_native_asyncio_cancellation_also_waits(anyio_backend: object, mod
 
     gate = Gate()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        options: dict[str, Any] = {
+        choices: dict[str, dict[str, Any]] = {
             "thread": {},
             "executor": {"executor": pool},
             "thread-limit": {"limit": 1},
-        }[mode]
+        }
+        options = choices[mode]
         call = loopguard.offload(**options)(gate.body)
         threading.Timer(0.1, gate.release.set).start()
         with pytest.raises(asyncio.TimeoutError):
@@ -726,10 +727,12 @@ async def test_adaptive_inline_exceptions_and_failed_reports(
 
 
 async def test_loop_delay_stays_idle_while_offloaded_work_runs(anyio_backend: object) -> None:
+    blocking = loopguard.offload(sleepy)
+    await run_together(*[lambda: blocking(0)] * 4)  # start the worker threads first
+
     with loopguard.watch(threshold=0.08, interval=0.005) as idle:
         await anyio.sleep(0.4)
 
-    blocking = loopguard.offload(sleepy)
     with loopguard.watch(threshold=0.08, interval=0.005) as busy:
         for _ in range(4):
             await run_together(*[lambda: blocking(0.1)] * 4)
@@ -741,14 +744,20 @@ async def test_loop_delay_stays_idle_while_offloaded_work_runs(anyio_backend: ob
         await anyio.sleep(0.1)
 
     idle_delay, busy_delay, blocked_delay = idle.delay(), busy.delay(), blocked.delay()
-    assert idle_delay.count > 20 and busy_delay.count > 20
-    # Offloaded: no stall, and loop delay at the level of an idle loop.
-    assert busy.stalls == []
-    assert busy_delay.max < 0.05
-    assert busy_delay.percentile(99) <= max(3 * idle_delay.percentile(99), 0.01)
+    numbers = {
+        name: (h.count, round(h.percentile(50) * 1e3, 2), round(h.percentile(99) * 1e3, 2))
+        for name, h in (("idle", idle_delay), ("busy", busy_delay), ("blocked", blocked_delay))
+    }
+    assert idle_delay.count > 20 and busy_delay.count > 20, numbers
+    # Offloaded: no stall, the loop's typical delay is that of an idle loop, and even
+    # its tail stays far below the 100 ms each call blocks for. (Bounds leave room for
+    # a busy machine: the heartbeat also waits whenever the OS runs something else.)
+    assert busy.stalls == [], numbers
+    assert busy_delay.percentile(50) <= max(2 * idle_delay.percentile(50), 0.002), numbers
+    assert busy_delay.percentile(99) < 0.05, numbers
     # The same work on the loop: the same metric sees it (so the checks above can fail).
-    assert blocked_delay.max >= 0.09
-    assert blocked.stalls
+    assert blocked_delay.max >= 0.09, numbers
+    assert blocked.stalls, numbers
 
 
 # -- yielding and checkpoint -------------------------------------------------------------
