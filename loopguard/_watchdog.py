@@ -32,10 +32,9 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from opentelemetry.metrics import CallbackOptions, Observation
-
 from . import metrics
 from ._attribution import attributes_of
+from ._blocking import BlockingGuard
 from ._callbacks import TIMER
 from ._causes import DUMP, CpuClocks, CpuSnapshot, diagnose
 from ._config import Config
@@ -269,6 +268,9 @@ class Watchdog:
 
     # -- lifecycle -----------------------------------------------------------------
 
+    #: The blocking-call guard while the watchdog runs with ``blocking`` on.
+    blocking_guard: BlockingGuard | None = None
+
     def start(self) -> Watchdog:
         """Start watching: hook loop start-up and attach to loops already running."""
         with _running_lock:
@@ -280,13 +282,12 @@ class Watchdog:
             if len(_running) == 1:
                 _hooks_on()
             if self.config.stats:
-                _observe_stats_once()
+                _observe_stats(True)
             _all_watchdogs.add(self)
-        if self.config.blocking != "off":
-            logger.warning(
-                "loopguard: blocking=%r is not available in this version; ignored",
-                self.config.blocking,
-            )
+        if self.config.blocking != "off" and self.blocking_guard is None:
+            self.blocking_guard = BlockingGuard(
+                self.config.blocking, allow=self.config.blocking_allow, sinks=[self.sinks]
+            ).start()
         if self.config.precise:
             TIMER.add(self, self.config.slow_threshold, self.config.threshold)
         self._attach_running_loops()
@@ -294,6 +295,9 @@ class Watchdog:
 
     def stop(self) -> None:
         """Stop watching, restore every patched function and close the sinks."""
+        guard, self.blocking_guard = self.blocking_guard, None
+        if guard is not None:  # before the loop hooks: patches come off in reverse order
+            guard.stop()
         with _running_lock:
             if not self.running:
                 return
@@ -302,6 +306,8 @@ class Watchdog:
             if not _running:
                 _hooks_off()
             TIMER.remove(self)
+            if not any(wd.config.stats for wd in _running):
+                _observe_stats(False)
         self._stop = True
         self._wake.set()
         thread = self._thread
@@ -630,38 +636,42 @@ def _retire_stats(stats: LoopStats) -> None:
     stats.active = stats.idle = 0.0
 
 
-def _observe_utilization(options: CallbackOptions) -> list[Observation]:
+_Reading = list[tuple[float, dict[str, str] | None]]
+
+
+def _observe_utilization() -> _Reading:
     snaps = [s.snapshot("metrics") for s in _live_stats() if s.timed]
     active = sum(s.active or 0.0 for s in snaps)
     idle = sum(s.idle or 0.0 for s in snaps)
-    return [Observation(active / (active + idle))] if active + idle > 0 else []
+    return [(active / (active + idle), None)] if active + idle > 0 else []
 
 
-def _observe_time(options: CallbackOptions) -> list[Observation]:
+def _observe_time() -> _Reading:
     live = _live_stats()
     active = _retired_time["active"] + sum(s.active for s in live)
     idle = _retired_time["idle"] + sum(s.idle for s in live)
-    return [Observation(active, {"state": "active"}), Observation(idle, {"state": "idle"})]
+    return [(active, {"state": "active"}), (idle, {"state": "idle"})]
 
 
-def _observe_sum(field: str) -> Callable[[CallbackOptions], list[Observation]]:
-    def observe(options: CallbackOptions) -> list[Observation]:
+def _observe_sum(field: str) -> Callable[[], _Reading]:
+    def observe() -> _Reading:
         values = [getattr(s.snapshot("gauge"), field) for s in _live_stats()]
         known = [v for v in values if v is not None]
-        return [Observation(sum(known))] if known else []
+        return [(float(sum(known)), None)] if known else []
 
     return observe
 
 
-def _observe_stats_once() -> None:
+def _observe_stats(on: bool) -> None:
+    """Report the loop-statistics metrics while some watchdog collects them."""
     global _stats_observed
-    if _stats_observed:
+    if on == _stats_observed:
         return
-    _stats_observed = True
-    metrics.observe(EVENTLOOP_UTILIZATION, _observe_utilization)
-    metrics.observe(EVENTLOOP_TIME, _observe_time)
-    metrics.observe(EVENTLOOP_PENDING_CALLBACKS, _observe_sum("pending_callbacks"))
-    metrics.observe(EVENTLOOP_TASKS, _observe_sum("tasks"))
+    _stats_observed = on
+    metrics.observe(EVENTLOOP_UTILIZATION, _observe_utilization if on else None)
+    metrics.observe(EVENTLOOP_TIME, _observe_time if on else None)
+    metrics.observe(EVENTLOOP_PENDING_CALLBACKS, _observe_sum("pending_callbacks") if on else None)
+    metrics.observe(EVENTLOOP_TASKS, _observe_sum("tasks") if on else None)
 
 
 def _loop_kind(loop: object) -> str:
