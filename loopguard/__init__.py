@@ -9,8 +9,12 @@ from ._api import uninstall as uninstall
 from ._api import watch as watch
 from ._attribution import attribute as attribute
 from ._attribution import unattribute as unattribute
+from ._blocking import Allow as Allow
+from ._blocking import BlockingCallError as BlockingCallError
+from ._blocking import BlockingGuard as BlockingGuard
 from ._config import Config as Config
 from ._watchdog import Watchdog as Watchdog
+from .events import BlockingCall as BlockingCall
 from .events import Event as Event
 from .events import Frame as Frame
 from .events import Hog as Hog
@@ -31,6 +35,10 @@ from .sinks import Sink as Sink
 __version__ = "0.1.0"
 
 __all__ = [
+    "Allow",
+    "BlockingCall",
+    "BlockingCallError",
+    "BlockingGuard",
     "CallbackSink",
     "Config",
     "Event",

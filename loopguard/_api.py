@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from ._blocking import Allow
 from ._config import BlockingMode, Config
 from ._watchdog import Watchdog
 from .events import Event
@@ -37,6 +38,7 @@ def install(
     precise: bool = False,
     slow_callback: float | None = None,
     blocking: BlockingMode = "off",
+    blocking_allow: Sequence[str | Allow] = (),
     **unknown: NoReturn,
 ) -> Watchdog:
     """Start the process-wide watchdog; every event loop that runs is watched.
@@ -63,7 +65,11 @@ def install(
             ``slow_callback`` (but shorter than ``threshold``) become
             ``SlowCallback`` events. uvloop and trio: noted once, watchdog only.
         slow_callback: Precise mode's report threshold (default ``threshold/2``).
-        blocking: Blocking-call guard (not available yet; accepted and noted).
+        blocking: Blocking-call guard for calls made on loop threads: ``"warn"``
+            (log each with its stack and duration), ``"raise"`` (refuse it with
+            ``BlockingCallError``), ``"record"`` (event only) or ``"off"``.
+        blocking_allow: Allow rules for the guard (``Allow`` or text
+            ``module[:function][@call,...]``), on top of the defaults.
         **unknown: Rejected: any other keyword raises ``ValueError``.
 
     Returns:
@@ -86,6 +92,7 @@ def install(
             precise=precise,
             slow_callback=slow_callback,
             blocking=blocking,
+            blocking_allow=tuple(blocking_allow),
         ),
         dict(unknown),
     )

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from ._blocking import Allow
 from .events import Event
 from .sinks import Sink
 
@@ -43,7 +44,11 @@ class Config:
             longer than ``slow_callback`` as ``SlowCallback`` events.
         slow_callback: Seconds a callback may run before precise mode reports it
             (default ``threshold / 2``); must be smaller than ``threshold``.
-        blocking: Blocking-call guard mode (not available yet: accepted, noted once).
+        blocking: Blocking-call guard: ``"off"``, ``"warn"`` (log and report each
+            blocking call made on a loop thread), ``"raise"`` (refuse it with
+            ``BlockingCallError``) or ``"record"`` (report without logging).
+        blocking_allow: Allow rules for the guard, on top of the defaults:
+            ``Allow`` objects or text ``module[:function][@call,...]``.
     """
 
     threshold: float = DEFAULT_THRESHOLD
@@ -57,6 +62,7 @@ class Config:
     precise: bool = False
     slow_callback: float | None = None
     blocking: BlockingMode = "off"
+    blocking_allow: Sequence[str | Allow] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         threshold = _number("threshold", self.threshold)
@@ -82,6 +88,13 @@ class Config:
             raise ValueError(
                 f"blocking must be one of {', '.join(_BLOCKING_MODES)}; got {self.blocking!r}"
             )
+        if isinstance(self.blocking_allow, str):
+            object.__setattr__(self, "blocking_allow", (self.blocking_allow,))
+        try:
+            rules = tuple(Allow.parse(rule) for rule in self.blocking_allow)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"blocking_allow: {exc}") from None
+        object.__setattr__(self, "blocking_allow", rules)
         if not isinstance(self.record, int) or self.record < 0:
             raise ValueError(f"record must be an int >= 0, got {self.record!r}")
         if self.callback is not None and not callable(self.callback):
@@ -122,7 +135,8 @@ class Config:
 
         ``LOOPGUARD_THRESHOLD``, ``LOOPGUARD_INTERVAL`` (seconds), ``LOOPGUARD_JSON``
         (file), ``LOOPGUARD_LOG`` (``1``/``0``), ``LOOPGUARD_BLOCKING``
-        (``off|warn|raise|record``), ``LOOPGUARD_PRECISE`` and ``LOOPGUARD_STATS``
+        (``off|warn|raise|record``), ``LOOPGUARD_BLOCKING_ALLOW`` (allow rules
+        separated by spaces), ``LOOPGUARD_PRECISE`` and ``LOOPGUARD_STATS``
         (``1``/``0``).
 
         Raises:
@@ -136,6 +150,7 @@ class Config:
             "JSON": str,
             "LOG": _flag,
             "BLOCKING": str,
+            "BLOCKING_ALLOW": str.split,
             "PRECISE": _flag,
             "STATS": _flag,
             "SLOW_CALLBACK": float,

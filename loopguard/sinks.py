@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
-from .events import Event, Frame, Stall
+from .events import BlockingCall, Event, Frame, Stall
 
 __all__ = [
     "CallbackSink",
@@ -26,6 +26,7 @@ __all__ = [
     "LoggingSink",
     "RecordingSink",
     "Sink",
+    "format_blocking_call",
     "format_stall",
 ]
 
@@ -135,9 +136,14 @@ class LoggingSink:
         self.repeats = repeats
         self.max_culprits = max_culprits
         self._seen: collections.OrderedDict[object, _Rate] = collections.OrderedDict()
+        self._seen_calls: collections.OrderedDict[object, _Rate] = collections.OrderedDict()
+        self._blocking_lock = threading.Lock()
 
     def emit(self, event: Event) -> None:
         """Log a stall (other events are logged as their JSON form)."""
+        if isinstance(event, BlockingCall):
+            self._emit_blocking(event)
+            return
         if not isinstance(event, Stall):
             # Events that describe themselves are logged as prose, others as JSON.
             own_str = type(event).__str__ is not Event.__str__
@@ -174,6 +180,79 @@ class LoggingSink:
             rate.count,
             last,
         )
+
+    def _emit_blocking(self, event: BlockingCall) -> None:
+        """Log a blocking call: in full once per call site and window, then briefly."""
+        if event.action == "record":
+            return
+        where = event.culprit or (event.stack[-1] if event.stack else None)
+        key = (
+            "blocking_call",
+            event.function,
+            where.file if where else "",
+            where.line if where else 0,
+        )
+        now = time.monotonic()
+        with self._blocking_lock:
+            seen = self._seen_calls
+            rate = seen.get(key)
+            if rate is None or now - rate.since >= self.window:
+                dropped = (rate.dropped if rate else 0) + event.suppressed
+                seen[key] = _Rate(now)
+                seen.move_to_end(key)
+                while len(seen) > self.max_culprits:
+                    seen.popitem(last=False)
+                text = format_blocking_call(event)
+                if dropped:
+                    text += f"\n  (+{dropped} more calls here not logged)"
+                self.logger.warning("%s", text)
+                return
+            seen.move_to_end(key)
+            rate.count += 1
+            rate.dropped += event.suppressed
+            if rate.count > self.repeats:
+                rate.dropped += 1
+                return
+            last = (
+                " (further repeats in this window are counted, not logged)"
+                if rate.count == self.repeats
+                else ""
+            )
+            self.logger.warning(
+                "blocking call %s() on the event loop again (%.1f ms): %s (repeat %d)%s",
+                event.function,
+                event.duration * 1000,
+                _where(where) if where else "?",
+                rate.count,
+                last,
+            )
+
+
+def format_blocking_call(call: BlockingCall, *, max_frames: int = 12) -> str:
+    """Render a blocking call for humans: the call and its culprit, then the stack.
+
+    Args:
+        call: The event to describe.
+        max_frames: How many frames of the stack to show at most.
+
+    Returns:
+        A multi-line string without a trailing newline.
+    """
+    where = call.culprit or (call.stack[-1] if call.stack else None)
+    task = f" in task {call.task!r}" if call.task else ""
+    took = (
+        "refused before it ran" if call.action == "raise" else f"took {call.duration * 1000:.1f} ms"
+    )
+    head = (
+        f"blocking call {call.function}() on the event loop{task} {took} "
+        f"[{call.action}, {call.loop}, thread {call.thread!r}]: "
+        f"{_where(where) if where else 'no stack'}"
+    )
+    lines = [head]
+    if call.stack:
+        lines.append("  stack, innermost last:")
+        lines.extend(f"    {text}" for text in _stack_lines(call.stack, where, max_frames))
+    return "\n".join(lines)
 
 
 class _Rate:
@@ -262,6 +341,11 @@ class RecordingSink:
     def stalls(self) -> list[Stall]:
         """A snapshot of the recorded stalls, oldest first."""
         return [e for e in self.events if isinstance(e, Stall)]
+
+    @property
+    def blocking_calls(self) -> list[BlockingCall]:
+        """A snapshot of the recorded blocking calls, oldest first."""
+        return [e for e in self.events if isinstance(e, BlockingCall)]
 
     def clear(self) -> None:
         """Forget every recorded event."""
