@@ -212,20 +212,6 @@ DEFAULT_ALLOW: tuple[Allow, ...] = (
         direct=True,
         reason="handing work to a thread pool",
     ),
-    Allow(
-        "anyio._backends._trio",
-        "TestRunner._call_in_runner_task",
-        calls=("queue",),
-        direct=True,
-        reason="anyio's test runner waiting for trio",
-    ),
-    Allow(
-        "anyio._backends._trio",
-        "TestRunner.__exit__",
-        calls=("queue",),
-        direct=True,
-        reason="anyio's test runner waiting for trio",
-    ),
 )
 
 
@@ -350,7 +336,11 @@ def _loop_kind() -> tuple[Any, str] | None:
     if loop is not None:
         return loop, ("uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio")
     if _get_ident() in _trio_threads:
-        return None, "trio"
+        # Between its steps (a guest run's host waiting, code around trio.run) the
+        # thread is not running the loop: only code inside a trio task counts.
+        trio = sys.modules.get("trio")
+        if trio is not None and trio.lowlevel.in_trio_task():
+            return None, "trio"
     return None
 
 
@@ -1360,6 +1350,7 @@ class BlockingGuard:
         self._defaults = DEFAULT_ALLOW if defaults else ()
         self._rules: tuple[Allow, ...] = self._defaults + user
         self._hits = dict.fromkeys(self._rules, 0)
+        self._scoped: tuple[Allow, ...] = ()
         sink_list: list[Sink] = list(sinks)
         if log:
             sink_list.append(LoggingSink())
@@ -1450,11 +1441,33 @@ class BlockingGuard:
         with self._lock:
             self._recorded.clear()
 
-    def rules(self) -> list[RuleHits]:
-        """Every allow rule with how many calls it let through (``0``: never fired)."""
+    def rules(self, *, reset: bool = False) -> list[RuleHits]:
+        """Every allow rule with how many calls it let through (``0``: never fired).
+
+        Scoped rules (:attr:`scoped_rules`) are listed once they were set.
+
+        Args:
+            reset: Start counting afresh after reading.
+        """
         defaults = set(self._defaults)
         with self._lock:
-            return [RuleHits(rule, self._hits[rule], rule in defaults) for rule in self._rules]
+            rows = [RuleHits(rule, hits, rule in defaults) for rule, hits in self._hits.items()]
+            if reset:
+                self._hits = dict.fromkeys(self._hits, 0)
+        return rows
+
+    @property
+    def scoped_rules(self) -> tuple[Allow, ...]:
+        """Rules for the current scope only (one test, one request), tried after the others."""
+        return self._scoped
+
+    @scoped_rules.setter
+    def scoped_rules(self, rules: Iterable[str | Allow]) -> None:
+        scoped = tuple(Allow.parse(rule) for rule in rules)
+        with self._lock:
+            for rule in scoped:
+                self._hits.setdefault(rule, 0)
+        self._scoped = scoped
 
     def add_listener(self, listener: Callable[[BlockingCall], object]) -> None:
         """Call ``listener`` with every later event, on the loop thread (keep it quick)."""
@@ -1467,7 +1480,7 @@ class BlockingGuard:
     # -- called by the slow path (on the loop thread, with the re-entrancy flag set) --
 
     def _allows(self, call: str, stack: _StackInfo) -> bool:
-        for rule in self._rules:
+        for rule in self._rules + self._scoped if self._scoped else self._rules:
             if not rule.applies_to(call):
                 continue
             if rule.direct:

@@ -1,7 +1,557 @@
-"""pytest plugin (placeholder while it is written)."""
+"""pytest plugin: fail tests that stall the event loop or make blocking calls on it.
+
+Registered through the ``pytest11`` entry point and inert until enabled with
+``pytest --loopguard`` or the ini key ``loopguard = true`` (or, for one test, a
+``@pytest.mark.loopguard`` marker).
+
+How it works: one watchdog for the session (started at the first checked test) sees
+every loop a test runs (pytest-asyncio and anyio runners, ``asyncio.run`` in a sync
+test, ``IsolatedAsyncioTestCase``, trio); its stalls are collected into the running
+test's window. One blocking-call guard for the session switches its mode per test.
+At the end of each phase (setup, call, teardown) the plugin waits until the sampler
+has reported loops that just stopped, then fails the phase with every stall and
+blocking call seen, each with the line to blame and its stack. Tests that run no
+loop see nothing and cost nothing extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import math
+import sys
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
 
 import pytest
 
+from ._blocking import Allow, BlockingGuard, format_rules
+from ._config import Config
+from ._watchdog import Watchdog
+from .events import BlockingCall, Event, Stall
+from .sinks import CallbackSink, _where
+from .testing import LoopEvents, describe, settle
+
+__all__ = ["LoopguardPlugin"]
+
+_BLOCKING_CHOICES = ("raise", "warn", "off")
+_MARKER_OPTIONS = ("enabled", "threshold", "blocking", "pending_tasks", "allow")
+_SECTION = "loopguard"
+_WARN_SECTION = "loopguard warnings"
+_RULES_KEY = "loopguard_rules"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Register ``--loopguard*`` options and ``loopguard*`` ini keys."""
+    group = parser.getgroup("loopguard", "loopguard: fail tests that block the event loop")
+    group.addoption(
+        "--loopguard",
+        action="store_true",
+        default=None,
+        help="fail tests during which the event loop stalled or a blocking call was made on it",
+    )
+    group.addoption(
+        "--loopguard-threshold",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds the loop must be held to fail a test (default 0.1)",
+    )
+    group.addoption(
+        "--loopguard-blocking",
+        choices=_BLOCKING_CHOICES,
+        default=None,
+        help="blocking calls on the loop: raise BlockingCallError and fail the test (default), "
+        "warn (report in the summary, do not fail) or off",
+    )
+    group.addoption(
+        "--loopguard-pending-tasks",
+        action="store_true",
+        default=None,
+        help="also fail async tests that leave asyncio tasks pending when they end",
+    )
+    group.addoption(
+        "--loopguard-allow",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="allow blocking calls under MODULE[:FUNCTION][@CALL,...] (repeatable)",
+    )
+    parser.addini("loopguard", "enable loopguard for every test", type="bool", default=False)
+    parser.addini("loopguard_threshold", "stall threshold in seconds", default="0.1")
+    parser.addini("loopguard_blocking", "raise, warn or off", default="raise")
+    parser.addini(
+        "loopguard_pending_tasks", "fail tests that leave tasks pending", type="bool", default=False
+    )
+    parser.addini("loopguard_allow", "allow rules, one per line", type="linelist", default=[])
+
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "loopguard(**options): loopguard settings for this test")
+    """Register the marker and the plugin object (inert unless enabled)."""
+    config.addinivalue_line(
+        "markers",
+        "loopguard(enabled=True, threshold=None, blocking=None, pending_tasks=None, allow=()): "
+        "loopguard settings for this test; a bare marker enables the checks for it",
+    )
+    config.pluginmanager.register(LoopguardPlugin(config), "loopguard-plugin")
+
+
+@dataclass(frozen=True)
+class _Settings:
+    enabled: bool
+    threshold: float
+    blocking: str
+    pending_tasks: bool
+    allow: tuple[Allow, ...]
+    owns_events: bool = False
+
+
+def _ini_or_option(config: pytest.Config, option: str, ini: str) -> Any:
+    value = config.getoption(option)
+    return config.getini(ini) if value is None else value
+
+
+def _threshold(value: object, where: str) -> float:
+    try:
+        threshold = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise pytest.UsageError(f"{where}: threshold must be a number, got {value!r}") from None
+    if not threshold > 0 or math.isnan(threshold):
+        raise pytest.UsageError(f"{where}: threshold must be > 0 seconds, got {value!r}")
+    return threshold
+
+
+# Sessions in this process, innermost last (pytester runs sessions inside a test).
+_sessions: list[LoopguardPlugin] = []
+
+
+class LoopguardPlugin:
+    """The per-session plugin object (registered as ``"loopguard-plugin"``)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        enabled = _ini_or_option(config, "loopguard", "loopguard")
+        blocking = _ini_or_option(config, "loopguard_blocking", "loopguard_blocking")
+        if blocking not in _BLOCKING_CHOICES:
+            raise pytest.UsageError(
+                f"loopguard_blocking must be one of {', '.join(_BLOCKING_CHOICES)}, "
+                f"got {blocking!r}"
+            )
+        try:
+            allow = tuple(
+                Allow.parse(rule)
+                for rule in [
+                    *config.getini("loopguard_allow"),
+                    *config.getoption("loopguard_allow"),
+                ]
+            )
+        except ValueError as exc:
+            raise pytest.UsageError(f"loopguard allow rule: {exc}") from None
+        self.defaults = _Settings(
+            enabled=bool(enabled),
+            threshold=_threshold(
+                _ini_or_option(config, "loopguard_threshold", "loopguard_threshold"),
+                "loopguard_threshold",
+            ),
+            blocking=str(blocking),
+            pending_tasks=bool(
+                _ini_or_option(config, "loopguard_pending_tasks", "loopguard_pending_tasks")
+            ),
+            allow=allow,
+        )
+        self.watchdog: Watchdog | None = None
+        self.guard: BlockingGuard | None = None
+        self.current: LoopEvents | None = None
+        self.settings: _Settings | None = None
+        self._min_threshold = self.defaults.threshold
+        self._pending: list[str] = []  # findings of the pending-task check, this phase
+        self._warned: list[tuple[str, str]] = []  # (nodeid, text) of warn-mode calls
+        self._rule_hits: dict[str, int] = {str(rule): 0 for rule in allow}
+
+    # -- settings ---------------------------------------------------------------------
+
+    def settings_for(self, item: pytest.Item) -> _Settings:
+        """Merge ini/command line with the item's ``loopguard`` markers (closest wins)."""
+        settings = self.defaults
+        markers = list(item.iter_markers("loopguard"))
+        if markers and not self.defaults.enabled:
+            settings = replace(settings, enabled=True)
+        for mark in reversed(markers):
+            if mark.args:
+                raise pytest.UsageError(
+                    f"{item.nodeid}: loopguard marker takes keyword options only "
+                    f"({', '.join(_MARKER_OPTIONS)})"
+                )
+            unknown = sorted(set(mark.kwargs) - set(_MARKER_OPTIONS))
+            if unknown:
+                raise pytest.UsageError(
+                    f"{item.nodeid}: unknown loopguard marker option {unknown[0]!r}; "
+                    f"valid: {', '.join(_MARKER_OPTIONS)}"
+                )
+            kw = mark.kwargs
+            if "enabled" in kw:
+                settings = replace(settings, enabled=bool(kw["enabled"]))
+            if kw.get("threshold") is not None:
+                settings = replace(
+                    settings, threshold=_threshold(kw["threshold"], f"{item.nodeid}: loopguard")
+                )
+            if kw.get("blocking") is not None:
+                if kw["blocking"] not in _BLOCKING_CHOICES:
+                    raise pytest.UsageError(
+                        f"{item.nodeid}: loopguard blocking must be one of "
+                        f"{', '.join(_BLOCKING_CHOICES)}, got {kw['blocking']!r}"
+                    )
+                settings = replace(settings, blocking=kw["blocking"])
+            if kw.get("pending_tasks") is not None:
+                settings = replace(settings, pending_tasks=bool(kw["pending_tasks"]))
+            if kw.get("allow"):
+                rules = kw["allow"]
+                rules = [rules] if isinstance(rules, (str, Allow)) else list(rules)
+                try:
+                    parsed = tuple(Allow.parse(rule) for rule in rules)
+                except ValueError as exc:
+                    raise pytest.UsageError(f"{item.nodeid}: loopguard allow: {exc}") from None
+                settings = replace(settings, allow=settings.allow + parsed)
+        if "loopguard_events" in getattr(item, "fixturenames", ()):
+            settings = replace(settings, owns_events=True, enabled=True)
+        return settings
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """Check every marker up front, and find the lowest threshold any test asks for."""
+        for item in items:
+            settings = self.settings_for(item)
+            if settings.enabled:
+                self._min_threshold = min(self._min_threshold, settings.threshold)
+
+    # -- session machinery ----------------------------------------------------------------
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """Suspend an enclosing session's checks while this one runs (pytester)."""
+        if _sessions:
+            _sessions[-1]._suspend()
+        _sessions.append(self)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Stop the watchdog and guard; hand rule counts to the xdist controller."""
+        self._stop_watchdog()
+        self._stop_guard()
+        if self in _sessions:
+            _sessions.remove(self)
+        workeroutput = getattr(self.config, "workeroutput", None)
+        if workeroutput is not None:
+            workeroutput[_RULES_KEY] = dict(self._rule_hits)
+
+    def _suspend(self) -> None:
+        self._stop_guard()
+        self._stop_watchdog()
+
+    def _on_stall(self, event: Event) -> None:
+        current = self.current
+        if current is not None and _sessions and _sessions[-1] is self:
+            current.add(event)
+
+    def _on_blocking(self, event: BlockingCall) -> None:
+        current = self.current
+        if current is not None and _sessions and _sessions[-1] is self:
+            current.add(event)
+
+    def _ensure_watchdog(self) -> Watchdog:
+        if self.watchdog is None:
+            self.watchdog = Watchdog(
+                Config(
+                    threshold=self._min_threshold,
+                    log=False,
+                    record=0,
+                    sinks=(CallbackSink(self._on_stall),),
+                )
+            ).start()
+        return self.watchdog
+
+    def _stop_watchdog(self) -> None:
+        wd, self.watchdog = self.watchdog, None
+        if wd is not None:
+            settle(wd)
+            wd.stop()
+
+    def _ensure_guard(self) -> BlockingGuard:
+        if self.guard is None:
+            self.guard = BlockingGuard(
+                "off",
+                allow=self.defaults.allow,
+                listeners=[self._on_blocking],
+                rate_limit=None,
+                record=0,
+            ).start()
+        return self.guard
+
+    def _stop_guard(self) -> None:
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            self._count_rules(guard)
+            guard.stop()
+
+    def _count_rules(self, guard: BlockingGuard) -> None:
+        for hit in guard.rules(reset=True):
+            if not hit.default:
+                key = str(hit.rule)
+                self._rule_hits[key] = self._rule_hits.get(key, 0) + hit.hits
+
+    # -- per test ---------------------------------------------------------------------
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> Generator[None, None, None]:
+        """Open the test's window: start what it needs, set the guard's mode."""
+        settings = self.settings_for(item)
+        if not settings.enabled or (_sessions and _sessions[-1] is not self):
+            if self.watchdog is not None or self.guard is not None:
+                self._suspend()  # a disabled test sees no patches at all
+            yield
+            return
+        self.settings = settings
+        self.current = LoopEvents()
+        self._pending = []
+        self._ensure_watchdog()
+        if settings.blocking == "off":
+            self._stop_guard()
+        else:
+            guard = self._ensure_guard()
+            guard.mode = (
+                "record" if settings.owns_events or settings.blocking == "warn" else "raise"
+            )
+            guard.scoped_rules = settings.allow[len(self.defaults.allow) :]
+        try:
+            yield
+        finally:
+            if self.guard is not None:
+                self.guard.mode = "off"
+                self._count_rules(self.guard)
+                self.guard.scoped_rules = ()
+            self.current = None
+            self.settings = None
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
+        """Wrap coroutine tests: trio heartbeat, and the pending-task check."""
+        settings = self.settings
+        function = getattr(item, "obj", None)
+        if (
+            settings is None
+            or not isinstance(item, pytest.Function)
+            or not inspect.iscoroutinefunction(function)
+            or hasattr(function, "hypothesis")
+        ):
+            yield
+            return
+        assert function is not None
+        item.obj = self._wrap(function, settings)
+        try:
+            yield
+        finally:
+            item.obj = function
+
+    def _wrap(self, function: Callable[..., Any], settings: _Settings) -> Callable[..., Any]:
+        plugin = self
+
+        @functools.wraps(function)
+        async def test(*args: Any, **kwargs: Any) -> Any:
+            before = _asyncio_tasks()
+            with _trio_heartbeat(plugin.watchdog):
+                result = await function(*args, **kwargs)
+            if settings.pending_tasks and before is not None:
+                await asyncio.sleep(0)  # let tasks that just finished be done
+                left = [t for t in (_asyncio_tasks() or set()) - before if not t.done()]
+                if left:
+                    plugin._pending.append(_describe_tasks(left))
+            return result
+
+        return test
+
+    @pytest.hookimpl(hookwrapper=True, tryfirst=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, Any, None]:
+        """Fail the phase that stalled or blocked the loop, naming the culprit."""
+        outcome = yield
+        current, settings = self.current, self.settings
+        if current is None or settings is None or self.watchdog is None:
+            return
+        report: pytest.TestReport = outcome.get_result()
+        settle(self.watchdog)
+        events = current.take()
+        if settings.owns_events:
+            fixture = getattr(item, "funcargs", {}).get("loopguard_events")
+            if isinstance(fixture, LoopEvents):
+                for event in events:
+                    fixture.add(event)
+            events = []
+        stalls = [e for e in events if isinstance(e, Stall) and e.duration >= settings.threshold]
+        calls = [e for e in events if isinstance(e, BlockingCall)]
+        failing_calls = [e for e in calls if e.action == "raise"]
+        warned = [e for e in calls if e.action != "raise"]
+        pending, self._pending = self._pending, []
+        if warned:
+            text = describe(warned)
+            report.sections.append((_WARN_SECTION, text))
+        problems = [*failing_calls, *stalls]
+        if not problems and not pending:
+            return
+        where = {"setup": "in setup", "call": "", "teardown": "in teardown"}[call.when]
+        head = f"loopguard: the event loop was held {where}".rstrip() + " (threshold "
+        head += f"{settings.threshold * 1000:.0f} ms):"
+        parts = [head, describe(problems)] if problems else []
+        if pending:
+            parts.extend(pending)
+        text = "\n".join(p for p in parts if p)
+        report.sections.append((_SECTION, text))
+        if report.passed and not hasattr(report, "wasxfail"):
+            report.outcome = "failed"
+            report.longrepr = text
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Collect warn-mode findings (also from xdist workers) for the summary."""
+        for title, text in report.sections:
+            if title == _WARN_SECTION:
+                self._warned.append((report.nodeid, text))
+
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        """Merge rule counts from an xdist worker."""
+        hits = getattr(node, "workeroutput", {}).get(_RULES_KEY, {})
+        for rule, count in hits.items():
+            self._rule_hits[rule] = self._rule_hits.get(rule, 0) + int(count)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        """Warn-mode blocking calls by test, and which allow rules fired."""
+        if getattr(self.config, "workerinput", None) is not None:
+            return  # an xdist worker: the controller prints the summary
+        if self._warned:
+            terminalreporter.section("loopguard: blocking calls (warn mode)")
+            for nodeid, text in self._warned:
+                first = text.splitlines()[0]
+                terminalreporter.write_line(f"{nodeid}: {first}")
+        if self._rule_hits:
+            from ._blocking import RuleHits
+
+            rows = [
+                RuleHits(Allow.parse(rule), hits, False) for rule, hits in self._rule_hits.items()
+            ]
+            terminalreporter.section("loopguard: allow rules")
+            for line in format_rules(rows).splitlines()[1:]:
+                terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def loopguard_events(request: pytest.FixtureRequest) -> Iterator[LoopEvents]:
+    """The stalls and blocking calls of this test, for the test to assert on.
+
+    Requesting it makes the events the test's own: the plugin records blocking calls
+    instead of refusing them and does not fail the test for what it hands over.
+    Works with the plugin off as well (the fixture then watches this test alone).
+    Events of a phase arrive when it ends: read them in the test after the code under
+    test has run and its loop has stopped.
+    """
+    plugin = request.config.pluginmanager.get_plugin("loopguard-plugin")
+    if isinstance(plugin, LoopguardPlugin) and plugin.current is not None:
+        # The plugin hands this test's events over; they are moved in on each read.
+        yield _Live(plugin)
+        return
+    from .testing import capture
+
+    settings = plugin.settings_for(request.node) if isinstance(plugin, LoopguardPlugin) else None
+    threshold = settings.threshold if settings else 0.1
+    with capture(threshold=threshold) as seen:
+        yield seen
+
+
+class _Live(LoopEvents):
+    """A test's own events while the plugin runs: reading settles the watchdog first."""
+
+    def __init__(self, plugin: LoopguardPlugin) -> None:
+        super().__init__()
+        self._plugin = plugin
+
+    @property
+    def events(self) -> list[Event]:
+        plugin = self._plugin
+        if plugin.watchdog is not None:
+            settle(plugin.watchdog)
+        current = plugin.current
+        if current is not None:
+            for event in current.take():
+                self.add(event)
+        return super().events
+
+
+def _asyncio_tasks() -> set[asyncio.Task[Any]] | None:
+    try:
+        return asyncio.all_tasks()
+    except RuntimeError:
+        return None  # not on an asyncio loop (trio)
+
+
+def _describe_tasks(tasks: list[asyncio.Task[Any]]) -> str:
+    lines = [f"loopguard: {len(tasks)} task(s) still pending when the test ended:"]
+    for task in tasks[:20]:
+        coro = task.get_coro()
+        code = getattr(coro, "cr_code", None)
+        frames = task.get_stack(limit=1)
+        if frames:
+            frame = frames[-1]
+            at = _where(_frame(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+        elif code is not None:
+            at = _where(_frame(code.co_filename, code.co_firstlineno, code.co_name))
+        else:
+            at = repr(coro)
+        lines.append(f"  task {task.get_name()!r}: {at}")
+    if len(tasks) > 20:
+        lines.append(f"  ... {len(tasks) - 20} more")
+    return "\n".join(lines)
+
+
+def _frame(file: str, line: int, function: str) -> Any:
+    from .events import Frame
+
+    return Frame(file, line, function)
+
+
+@contextlib.contextmanager
+def _trio_heartbeat(wd: Watchdog | None) -> Iterator[None]:
+    """A heartbeat for a trio run the watchdog does not know, while the test runs.
+
+    anyio's trio test runner drives trio in guest mode, between its own calls; the
+    run is idle (not late) while pytest works in between, so the heartbeat must only
+    tick while the test coroutine runs.
+    """
+    trio = sys.modules.get("trio")
+    watch = None
+    if wd is not None and trio is not None:
+        try:
+            if trio.lowlevel.in_trio_task():
+                attached = wd._attach_safely(trio.lowlevel.current_trio_token(), "trio")
+                if attached is not None:
+                    watch = attached[1]
+                    trio.lowlevel.spawn_system_task(_beat, watch, name="loopguard-test-heartbeat")
+        except Exception:
+            watch = None
+    try:
+        yield
+    finally:
+        if watch is not None and wd is not None:
+            wd._detach(watch)
+
+
+async def _beat(watch: Any) -> None:
+    import trio
+
+    while watch.attached:
+        await trio.sleep(watch.period)
+        if watch.attached:
+            watch.stamp()

@@ -59,10 +59,8 @@ def test_reported_on_the_loop_thread(name: str, tmp_path: Path, servers: Servers
     assert reported == [name]
     event = guard.events[0]
     assert event.task is not None and event.task.startswith("Task-")
-    assert (
-        (event.culprit is not None
-        and event.culprit.function.endswith("main"))
-        or (event.culprit is not None and event.culprit.file.endswith("blocking_cases.py"))
+    assert (event.culprit is not None and event.culprit.function.endswith("main")) or (
+        event.culprit is not None and event.culprit.file.endswith("blocking_cases.py")
     )
     assert event.action == "record"
     assert event.duration >= 0

@@ -1,0 +1,166 @@
+"""Helpers for your own tests: capture what the loop went through while code ran.
+
+::
+
+    from loopguard.testing import capture
+
+    def test_handler_never_blocks():
+        with capture(threshold=0.05) as seen:
+            asyncio.run(handler())
+        seen.assert_clean()  # fails naming the line that stalled or blocked
+
+Under pytest, the plugin's ``loopguard_events`` fixture gives a test the same
+:class:`LoopEvents` for everything that happened during it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from ._blocking import Allow, BlockingGuard, Mode
+from ._config import Config
+from ._watchdog import Watchdog
+from .events import BlockingCall, Event, Stall
+from .sinks import CallbackSink, format_blocking_call, format_stall
+
+__all__ = ["LoopEvents", "capture", "settle"]
+
+
+class LoopEvents:
+    """Stalls and blocking calls seen while some code ran, oldest first.
+
+    Thread-safe: the watchdog's sampler adds stalls, loop threads add blocking calls.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: list[Event] = []
+
+    def add(self, event: Event) -> None:
+        """Record one event (a :class:`~loopguard.Stall` or :class:`~loopguard.BlockingCall`)."""
+        with self._lock:
+            self._events.append(event)
+
+    @property
+    def events(self) -> list[Event]:
+        """Every event, oldest first."""
+        with self._lock:
+            return list(self._events)
+
+    @property
+    def stalls(self) -> list[Stall]:
+        """The stalls, oldest first."""
+        return [e for e in self.events if isinstance(e, Stall)]
+
+    @property
+    def blocking_calls(self) -> list[BlockingCall]:
+        """The blocking calls made on a loop thread, oldest first."""
+        return [e for e in self.events if isinstance(e, BlockingCall)]
+
+    def clear(self) -> None:
+        """Forget everything recorded so far."""
+        with self._lock:
+            self._events.clear()
+
+    def take(self) -> list[Event]:
+        """Return and forget everything recorded so far."""
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._events)
+
+    def assert_clean(self) -> None:
+        """Fail with every stall and blocking call, described with its culprit line.
+
+        Raises:
+            AssertionError: Something was recorded.
+        """
+        events = self.events
+        if events:
+            raise AssertionError(describe(events))
+
+
+def describe(events: Iterable[Event]) -> str:
+    """Render stalls and blocking calls for a failure message, one block each."""
+    blocks = []
+    for event in events:
+        if isinstance(event, Stall):
+            blocks.append(format_stall(event))
+        elif isinstance(event, BlockingCall):
+            blocks.append(format_blocking_call(event))
+        else:
+            blocks.append(str(event.to_dict()))
+    return "\n".join(blocks)
+
+
+def settle(wd: Watchdog, timeout: float = 1.0) -> bool:
+    """Wait until the watchdog has reported stalls of loops that stopped running.
+
+    A stall that ends with its loop stopping (the last callback of
+    ``run_until_complete`` blocked) is reported by the sampler thread right after;
+    call this before reading ``wd.stalls`` when the loop has just stopped.
+
+    Args:
+        wd: A running watchdog.
+        timeout: Seconds to wait at most.
+
+    Returns:
+        False if the sampler still had work after ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        watches: Any = getattr(wd, "_watches", None)
+        if watches is None:  # a watchdog without the expected internals: wait a period
+            time.sleep(2 * wd.config.period)
+            return True
+        busy = [
+            w
+            for w in list(watches)
+            if not getattr(w, "attached", True) or getattr(w, "pending", None)
+        ]
+        if not busy:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        wake = getattr(wd, "_wake", None)
+        if wake is not None:
+            wake.set()
+        time.sleep(0.001)
+
+
+@contextlib.contextmanager
+def capture(
+    threshold: float = 0.1,
+    *,
+    blocking: Mode = "record",
+    allow: Iterable[str | Allow] = (),
+) -> Iterator[LoopEvents]:
+    """Record stalls and blocking calls of every loop that runs inside the block.
+
+    Args:
+        threshold: Seconds the loop must be held to count as a stall.
+        blocking: Guard mode for blocking calls made on loop threads (``"record"``
+            keeps them as events; ``"raise"`` refuses them; ``"off"`` ignores them).
+        allow: Allow rules for the guard, on top of the defaults.
+
+    Yields:
+        The :class:`LoopEvents`, filled while the block runs (read it after).
+    """
+    seen = LoopEvents()
+    wd = Watchdog(Config(threshold=threshold, log=False, record=0, sinks=(CallbackSink(seen.add),)))
+    guard = BlockingGuard(blocking, allow=allow, listeners=[seen.add], rate_limit=None)
+    wd.start()
+    guard.start()
+    try:
+        yield seen
+    finally:
+        guard.stop()
+        settle(wd)
+        wd.stop()

@@ -1,0 +1,547 @@
+"""The pytest plugin, run through pytester on real test files."""
+
+from __future__ import annotations
+
+import importlib.util
+import textwrap
+
+import pytest
+
+# These tests run inner sessions that stall and block loops on purpose.
+pytestmark = pytest.mark.loopguard(enabled=False)
+
+ASYNCIO_HEADER = """\
+import asyncio, time, threading, os
+import pytest
+
+def spin(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:  # SPIN
+        pass
+"""
+
+
+INI = "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
+
+
+def write(pytester: pytest.Pytester, body: str, name: str = "test_it") -> None:
+    pytester.makepyfile(**{name: ASYNCIO_HEADER + textwrap.dedent(body)})
+    if not (pytester.path / "tox.ini").exists():
+        pytester.makeini(INI)
+
+
+def line_in(pytester: pytest.Pytester, marker: str, name: str = "test_it.py") -> int:
+    text = (pytester.path / name).read_text()
+    return next(i for i, line in enumerate(text.splitlines(), 1) if marker in line)
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly", *args)
+
+
+def test_inert_unless_enabled(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        original = time.sleep
+
+        @pytest.mark.asyncio
+        async def test_blocks():
+            assert time.sleep is original
+            time.sleep(0.01)
+            spin(0.2)
+        """,
+    )
+    run(pytester).assert_outcomes(passed=1)
+
+
+def test_blocking_call_fails_the_test_at_the_line(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        @pytest.mark.asyncio
+        async def test_sleeps():
+            time.sleep(0.01)  # THE LINE
+
+        @pytest.mark.asyncio
+        async def test_fine():
+            await asyncio.sleep(0.01)
+        """,
+    )
+    result = run(pytester, "--loopguard")
+    result.assert_outcomes(passed=1, failed=1)
+    line = line_in(pytester, "# THE LINE")
+    result.stdout.fnmatch_lines(
+        [
+            "*BlockingCallError: blocking call time.sleep() on the asyncio event loop*",
+            f"*blocking call time.sleep() on the event loop*test_it.py:{line} in test_sleeps*",
+            "*stack, innermost last*",
+        ]
+    )
+
+
+def test_caught_blocking_call_error_still_fails(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        @pytest.mark.asyncio
+        async def test_swallows():
+            try:
+                time.sleep(0.01)
+            except Exception:
+                pass
+        """,
+    )
+    result = run(pytester, "--loopguard")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*loopguard: the event loop was held*", "*time.sleep()*"])
+
+
+def test_stall_fails_with_culprit_and_stack(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        @pytest.mark.asyncio
+        async def test_spins():
+            await asyncio.sleep(0.01)
+            spin(0.4)
+            await asyncio.sleep(0.01)
+        """,
+    )
+    result = run(pytester, "--loopguard")
+    result.assert_outcomes(failed=1)
+    spin_line = line_in(pytester, "# SPIN")
+    result.stdout.fnmatch_lines(
+        [
+            "*loopguard: the event loop was held (threshold 100 ms)*",
+            "*event loop blocked for * ms in task*",
+            "*stack (*), innermost last:*",
+        ]
+    )
+    out = result.stdout.str()
+    assert f"test_it.py:{spin_line} in spin" in out or f"test_it.py:{spin_line + 1} in spin" in out
+    assert "<-- culprit" in out
+
+
+def test_stall_at_the_very_end_of_the_test_is_caught(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        @pytest.mark.asyncio
+        async def test_spins_last():
+            spin(0.3)
+        """,
+    )
+    run(pytester, "--loopguard").assert_outcomes(failed=1)
+
+
+def test_threshold_option_and_marker(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        @pytest.mark.asyncio
+        async def test_short():
+            spin(0.2)
+
+        @pytest.mark.loopguard(threshold=5)
+        @pytest.mark.asyncio
+        async def test_lenient():
+            spin(0.3)
+
+        @pytest.mark.loopguard(threshold=0.05)
+        @pytest.mark.asyncio
+        async def test_strict():
+            spin(0.12)
+        """,
+    )
+    result = run(pytester, "--loopguard", "--loopguard-threshold", "0.5")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["FAILED *test_strict*"])
+
+
+def test_sync_tests_that_run_no_loop_never_fail(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        def test_sync_blocking():
+            time.sleep(0.3)
+            spin(0.3)
+            with open(__file__) as fh:
+                fh.read()
+
+        def test_sync_test_running_a_loop_is_checked():
+            async def main():
+                time.sleep(0.001)
+            asyncio.run(main())
+        """,
+    )
+    result = run(pytester, "--loopguard")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["FAILED *test_sync_test_running_a_loop_is_checked*"])
+
+
+def test_blocking_warn_and_off(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        @pytest.mark.asyncio
+        async def test_sleeps():
+            time.sleep(0.01)
+        """,
+    )
+    warn = run(pytester, "--loopguard", "--loopguard-blocking=warn")
+    warn.assert_outcomes(passed=1)
+    warn.stdout.fnmatch_lines(
+        [
+            "*loopguard: blocking calls (warn mode)*",
+            "*test_it.py::test_sleeps: blocking call time.sleep() on the event loop*",
+        ]
+    )
+    run(pytester, "--loopguard", "--loopguard-blocking=off").assert_outcomes(passed=1)
+
+
+def test_markers_disable_and_enable(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        @pytest.mark.loopguard(enabled=False)
+        @pytest.mark.asyncio
+        async def test_disabled():
+            time.sleep(0.01)
+            spin(0.3)
+
+        @pytest.mark.loopguard(blocking="off")
+        @pytest.mark.asyncio
+        async def test_blocking_off():
+            time.sleep(0.01)
+
+        @pytest.mark.loopguard
+        @pytest.mark.asyncio
+        async def test_opted_in():
+            time.sleep(0.01)
+
+        @pytest.mark.asyncio
+        async def test_unmarked():
+            time.sleep(0.01)
+        """,
+    )
+    # Without --loopguard only the bare marker turns checks on (for its test).
+    result = run(pytester)
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(["FAILED *test_opted_in*"])
+    result = run(pytester, "--loopguard")
+    result.assert_outcomes(passed=2, failed=2)
+
+
+def test_class_and_module_markers(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        pytestmark = pytest.mark.loopguard(blocking="off")
+
+        @pytest.mark.asyncio
+        async def test_module_level():
+            time.sleep(0.01)
+
+        @pytest.mark.loopguard(blocking="raise")
+        class TestStrict:
+            @pytest.mark.asyncio
+            async def test_closest_wins(self):
+                time.sleep(0.01)
+        """,
+    )
+    result = run(pytester, "--loopguard")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["FAILED *TestStrict::test_closest_wins*"])
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        ("loopguard(treshold=1)", "unknown loopguard marker option 'treshold'"),
+        ("loopguard(blocking='loud')", "loopguard blocking must be one of"),
+        ("loopguard(threshold=-1)", "threshold must be > 0"),
+        ("loopguard(False)", "keyword options only"),
+        ("loopguard(allow=[':x'])", "loopguard allow"),
+    ],
+)
+def test_bad_markers_are_usage_errors(pytester: pytest.Pytester, marker: str, message: str) -> None:
+    write(
+        pytester,
+        f"""
+        @pytest.mark.{marker}
+        def test_x():
+            pass
+        """,
+    )
+    result = run(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{message}*"])
+
+
+def test_bad_options_are_usage_errors(pytester: pytest.Pytester) -> None:
+    write(pytester, "def test_x():\n    pass\n")
+    result = run(pytester, "--loopguard", "--loopguard-threshold", "0")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    pytester.makeini(INI + "loopguard_blocking = loud\n")
+    assert run(pytester).ret == pytest.ExitCode.USAGE_ERROR
+
+
+def test_ini_enables(pytester: pytest.Pytester) -> None:
+    pytester.makeini(INI + "loopguard = true\nloopguard_threshold = 0.2\n")
+    write(
+        pytester,
+        """
+        @pytest.mark.asyncio
+        async def test_below_threshold():
+            spin(0.1)
+
+        @pytest.mark.asyncio
+        async def test_sleeps():
+            time.sleep(0.01)
+        """,
+    )
+    run(pytester).assert_outcomes(passed=1, failed=1)
+
+
+def test_uvloop_under_pytest_asyncio(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("uvloop")
+    pytester.makeconftest(
+        """
+        import uvloop
+
+        def pytest_asyncio_loop_factories(config, item):
+            return {"uvloop": uvloop.new_event_loop}
+        """
+    )
+    write(
+        pytester,
+        """
+        @pytest.mark.asyncio
+        async def test_loop_is_uvloop():
+            assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+
+        @pytest.mark.asyncio
+        async def test_sleeps():
+            time.sleep(0.01)
+
+        @pytest.mark.asyncio
+        async def test_spins():
+            spin(0.3)
+        """,
+    )
+    result = run(pytester, "--loopguard", "--loopguard-blocking=raise")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(["*uvloop*"])
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_anyio_plugin(pytester: pytest.Pytester, backend: str) -> None:
+    pytest.importorskip("anyio")
+    if backend == "trio":
+        pytest.importorskip("trio")
+    pytester.makeconftest(
+        f"""
+        import pytest
+
+        @pytest.fixture
+        def anyio_backend():
+            return {backend!r}
+        """
+    )
+    write(
+        pytester,
+        """
+        import anyio
+
+        @pytest.mark.anyio
+        async def test_sleeps():
+            time.sleep(0.01)
+
+        @pytest.mark.anyio
+        async def test_spins():
+            await anyio.sleep(0.01)
+            spin(0.3)
+            await anyio.sleep(0.01)
+
+        @pytest.mark.anyio
+        async def test_fine():
+            await anyio.sleep(0.05)
+            await anyio.to_thread.run_sync(time.sleep, 0.2)
+
+        def test_sync_between():
+            time.sleep(0.2)
+        """,
+    )
+    result = run(pytester, "--loopguard")
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            f"*blocking call time.sleep() on the {backend} event loop*",
+            f"*event loop blocked for * ms*[[]*{backend}*",
+        ]
+    )
+
+
+def test_isolated_asyncio_test_case(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        import unittest
+
+        class TestCase(unittest.IsolatedAsyncioTestCase):
+            async def test_sleeps(self):
+                time.sleep(0.01)
+
+            async def test_spins(self):
+                spin(0.3)
+
+            async def test_fine(self):
+                await asyncio.sleep(0.01)
+        """,
+    )
+    result = run(pytester, "--loopguard")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(["*BlockingCallError*", "*event loop blocked for*"])
+
+
+def test_blocking_in_an_async_fixture_fails_setup(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        import pytest_asyncio
+
+        @pytest_asyncio.fixture
+        async def slow_resource():
+            time.sleep(0.01)
+            yield 1
+
+        @pytest.mark.asyncio
+        async def test_uses_it(slow_resource):
+            pass
+        """,
+    )
+    result = run(pytester, "--loopguard")
+    result.assert_outcomes(errors=1)
+
+
+def test_xfail_that_blocks_stays_xfailed(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        @pytest.mark.xfail(strict=True)
+        @pytest.mark.asyncio
+        async def test_known_bad():
+            spin(0.3)
+            assert False
+        """,
+    )
+    run(pytester, "--loopguard").assert_outcomes(xfailed=1)
+
+
+def test_pending_tasks(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        @pytest.mark.asyncio
+        async def test_leaves_a_task():
+            asyncio.create_task(asyncio.sleep(10), name="forgotten")
+
+        @pytest.mark.asyncio
+        async def test_cleans_up():
+            task = asyncio.create_task(asyncio.sleep(10))
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        """,
+    )
+    run(pytester, "--loopguard").assert_outcomes(passed=2)
+    result = run(pytester, "--loopguard", "--loopguard-pending-tasks")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*1 task(s) still pending when the test ended*", "*task 'forgotten'*"]
+    )
+
+
+def test_events_fixture_hands_the_test_its_events(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        def test_own_events(loopguard_events):
+            async def main():
+                time.sleep(0.01)
+                spin(0.3)
+            asyncio.run(main())
+            assert [c.function for c in loopguard_events.blocking_calls] == ["time.sleep"]
+            assert len(loopguard_events.stalls) == 1
+            assert loopguard_events.stalls[0].culprit.function == "spin"
+
+        def test_clean(loopguard_events):
+            asyncio.run(asyncio.sleep(0.01))
+            loopguard_events.assert_clean()
+        """,
+    )
+    run(pytester, "--loopguard").assert_outcomes(passed=2)
+    run(pytester).assert_outcomes(passed=2)
+
+
+def test_allow_rules_and_their_report(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        def legacy():
+            time.sleep(0.01)
+
+        @pytest.mark.asyncio
+        async def test_allowed():
+            legacy()
+
+        @pytest.mark.loopguard(allow=["test_it:test_marker_allowed"])
+        @pytest.mark.asyncio
+        async def test_marker_allowed():
+            time.sleep(0.01)
+        """,
+    )
+    result = run(
+        pytester, "--loopguard", "--loopguard-allow", "test_it:legacy", "--loopguard-allow", "nope"
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*loopguard: allow rules*",
+            "*1 call(s) allowed  test_it:legacy*",
+            "*never fired  nope*",
+            "*1 call(s) allowed  test_it:test_marker_allowed*",
+        ]
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xdist") is None, reason="needs pytest-xdist")
+def test_xdist(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        import pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        @pytest.mark.asyncio
+        async def test_sleeps(n):
+            time.sleep(0.001)
+
+        @pytest.mark.parametrize("n", range(4))
+        @pytest.mark.asyncio
+        async def test_fine(n):
+            await asyncio.sleep(0.001)
+
+        def legacy():
+            time.sleep(0.001)
+
+        @pytest.mark.asyncio
+        async def test_allowed():
+            legacy()
+        """,
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "xdist", "-n", "2", "--loopguard", "--loopguard-allow", "test_it:legacy"
+    )
+    result.assert_outcomes(passed=5, failed=4)
+    result.stdout.fnmatch_lines(["*1 call(s) allowed  test_it:legacy*"])
