@@ -254,9 +254,12 @@ def _decorate(func: Callable[..., Any], *, options: _Options) -> Callable[..., A
     call = state.call
 
     if budget is None:
+        if state.mode == "thread":
+            wrapper = call  # a fresh function: the decorated function itself
+        else:
 
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return await call(args, kwargs)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return await call(*args, **kwargs)
 
     else:
         clock = perf_counter  # a closure variable is read faster than a global
@@ -271,7 +274,7 @@ def _decorate(func: Callable[..., Any], *, options: _Options) -> Callable[..., A
                     elapsed = clock() - start
                     if elapsed > budget:
                         state.move_out(elapsed)
-            return await call(args, kwargs)
+            return await call(*args, **kwargs)
 
     functools.update_wrapper(wrapper, func)
     setattr(wrapper, _ATTR, state)
@@ -333,15 +336,16 @@ class _Offload:
         self._switch_lock = threading.Lock()
         self._limit = _resolve_limit(options.limit)
         self._remote: object = None
-        self.call = self._call_thread if self.mode == "thread" else self._call_elsewhere
         attributes: dict[str, str] = {"mode": self.mode}
         if options.name_in_metrics:
             attributes["function"] = (
                 self.name if options.name_in_metrics is True else str(options.name_in_metrics)
             )
         self.attributes: metrics.Attributes = attributes
-        self._active_key = tuple(sorted(attributes.items()))
-        _active.watch()
+        self.active = _active.slot(attributes)
+        self.call: Callable[..., Coroutine[Any, Any, Any]] = (
+            _thread_call(self) if self.mode == "thread" else self._call_elsewhere
+        )
         if self.mode == "process" or isinstance(
             self.executor, concurrent.futures.ProcessPoolExecutor
         ):
@@ -349,43 +353,11 @@ class _Offload:
 
     # The offloaded paths -------------------------------------------------------------
 
-    async def _call_thread(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run one call in a worker thread: the hot path, kept to one coroutine."""
-        attributes = self.attributes
-        active = self._active_key
-        _active.add(active, 1)
-        submitted = perf_counter()
-        # A limit slot is held by the call itself, not by the task, so that it lasts
-        # as long as the body. Without a limit, anyio's default thread limiter applies.
-        limiter = None if self._limit is None else self._limiter()
-        track = _Track(limiter)
-        try:
-            if limiter is not None:
-                await track.acquire()
-            try:
-                result = await anyio.to_thread.run_sync(
-                    _run_tracked,
-                    track,
-                    self.func,
-                    args,
-                    kwargs,
-                    abandon_on_cancel=True,
-                    limiter=None if limiter is None else _unbounded(),
-                )
-            except BaseException as exc:
-                await track.stop_waiting(exc, self.cancellable)
-                raise
-            track.release()
-            return result
-        finally:
-            _active.add(active, -1)
-            track.report(submitted, attributes)
-
-    async def _call_elsewhere(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def _call_elsewhere(self, *args: Any, **kwargs: Any) -> Any:
         """Run one call in a worker process or an executor."""
         attributes = self.attributes
-        active = self._active_key
-        _active.add(active, 1)
+        active = self.active
+        active.append(None)
         submitted = perf_counter()
         track = _Track(None)
         try:
@@ -393,7 +365,7 @@ class _Offload:
                 return await self._in_process(args, kwargs, track)
             return await self._in_executor(args, kwargs, track)
         finally:
-            _active.add(active, -1)
+            active.pop()
             track.report(submitted, attributes)
 
     async def _in_process(
@@ -502,29 +474,77 @@ class _ActiveCalls:
     """Offloaded calls in progress, per attribute set, read when metrics are collected.
 
     Counting here and observing at collection time keeps two metric updates per call
-    off the hot path (with an SDK, each costs several microseconds).
+    off the hot path (with an SDK, each costs several microseconds). Each attribute
+    set has a list with one item per call in progress: ``append`` and ``pop`` are
+    atomic, so calls from loops in several threads need no lock.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts: dict[tuple[tuple[str, str | bool | int | float], ...], int] = {}
+        self._calls: dict[tuple[tuple[str, str | bool | int | float], ...], list[None]] = {}
         self._watched = False
 
-    def watch(self) -> None:
-        if not self._watched:
-            self._watched = True
-            metrics.observe(metrics.OFFLOAD_ACTIVE, self.values)
-
-    def add(self, key: tuple[tuple[str, str | bool | int | float], ...], delta: int) -> None:
+    def slot(self, attributes: metrics.Attributes) -> list[None]:
+        """The list that counts the calls with these attributes."""
+        key = tuple(sorted(attributes.items()))
         with self._lock:
-            self._counts[key] = self._counts.get(key, 0) + delta
+            if not self._watched:
+                self._watched = True
+                metrics.observe(metrics.OFFLOAD_ACTIVE, self.values)
+            return self._calls.setdefault(key, [])
 
     def values(self) -> list[tuple[float, metrics.Attributes | None]]:
         with self._lock:
-            return [(count, dict(key)) for key, count in self._counts.items()]
+            return [(len(calls), dict(key)) for key, calls in self._calls.items()]
 
 
 _active = _ActiveCalls()
+
+
+def _thread_call(state: _Offload) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """Make the coroutine function that runs one call of ``state.func`` in a thread.
+
+    It is the hot path, and for a plain ``@offload`` it is the decorated function
+    itself: one coroutine between the caller and anyio.
+    """
+    func = state.func
+    attributes = state.attributes
+    active = state.active
+    cancellable = state.cancellable
+    has_limit = state._limit is not None
+    limiter_of = state._limiter
+    run_sync = anyio.to_thread.run_sync
+
+    async def call_in_thread(*args: Any, **kwargs: Any) -> Any:
+        # A limit slot is held by the call itself, not by the task, so that it lasts
+        # as long as the body. Without a limit, anyio's default thread limiter applies.
+        limiter = limiter_of() if has_limit else None
+        track = _Track(limiter)
+        active.append(None)
+        submitted = perf_counter()
+        try:
+            if limiter is not None:
+                await track.acquire()
+            try:
+                result = await run_sync(
+                    _run_tracked,
+                    track,
+                    func,
+                    args,
+                    kwargs,
+                    abandon_on_cancel=True,
+                    limiter=None if limiter is None else _unbounded(),
+                )
+            except BaseException as exc:
+                await track.stop_waiting(exc, cancellable)
+                raise
+            track.release()
+            return result
+        finally:
+            active.pop()
+            track.report(submitted, attributes)
+
+    return call_in_thread
 
 
 def _run_timed(
