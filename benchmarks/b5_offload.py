@@ -271,6 +271,9 @@ def _measure_delay(settings: Settings) -> dict[str, dict[str, float]]:
     phases: dict[str, Callable[[], Awaitable[None]]] = {
         "idle loop": lambda: anyio.sleep(seconds),
         "@offload time.sleep(20 ms), 8 at once": lambda: keep_busy(sleep_off, 8),
+        "reference: anyio.to_thread time.sleep(20 ms), 8 at once": lambda: keep_busy(
+            lambda seconds: anyio.to_thread.run_sync(time.sleep, seconds), 8
+        ),
         "@offload CPU-bound 20 ms chunks (threads), 2 at once": lambda: keep_busy(spin_off, 2),
         "@offload(process=True) CPU-bound 20 ms chunks, 2 at once": lambda: keep_busy(
             _spin_in_process, 2
@@ -279,7 +282,11 @@ def _measure_delay(settings: Settings) -> dict[str, dict[str, float]]:
     }
 
     async def main() -> None:
-        await _spin_in_process(0.0)  # start the worker processes outside the measurement
+        # Start worker threads and processes outside the measurement.
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(sleep_off, 0.001)
+        await _spin_in_process(0.0)
         await anyio.to_process.run_sync(_spin, 0.0)
         for name, phase in phases.items():
             with loopguard.watch(threshold=0.1, interval=0.005) as wd:
