@@ -141,6 +141,8 @@ def watch(
     sinks: Sequence[Sink] = (),
     record: int = 1000,
     stats: bool = False,
+    precise: bool = False,
+    slow_callback: float | None = None,
     **unknown: NoReturn,
 ) -> Watchdog:
     """Return a new, independent watchdog to use as a context manager.
@@ -158,6 +160,8 @@ def watch(
         sinks: Further sinks.
         record: How many recent events to keep in memory.
         stats: Collect loop statistics (see :func:`install`).
+        precise: Time every callback (see :func:`install`).
+        slow_callback: Precise mode's report threshold (default ``threshold/2``).
         **unknown: Rejected: any other keyword raises ``ValueError``.
 
     Returns:
@@ -174,6 +178,8 @@ def watch(
                 sinks=tuple(sinks),
                 record=record,
                 stats=stats,
+                precise=precise,
+                slow_callback=slow_callback,
             ),
             dict(unknown),
         )

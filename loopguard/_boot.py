@@ -30,7 +30,7 @@ def boot() -> Watchdog | None:
     log = logging.getLogger("loopguard")
     if not any(getattr(h, "_loopguard", False) for h in log.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"loopguard[{os.getpid()}]: %(message)s"))
+        handler.setFormatter(logging.Formatter("loopguard[%(process)d]: %(message)s"))
         handler._loopguard = True  # type: ignore[attr-defined]
         log.addHandler(handler)
         log.propagate = False
@@ -42,6 +42,8 @@ def boot() -> Watchdog | None:
 
 
 def _print_summary(wd: Watchdog) -> None:
+    # Stop first: a stall that ended just before exit is reported and counted.
+    wd.stop()
     try:
         sys.stderr.write(format_summary(wd) + "\n")
         sys.stderr.flush()
@@ -78,5 +80,5 @@ def format_summary(wd: Watchdog) -> str:
             f"over {delay.count} heartbeats"
         )
     else:
-        lines.append("  loop delay: no event loop ran")
+        lines.append("  loop delay: no heartbeat recorded (no loop ran for a full interval)")
     return "\n".join(lines)

@@ -80,7 +80,7 @@ class PreciseTimer:
             started = perf()
             original(handle)
             took = perf() - started
-            if took >= timer.slow and took < timer.limit:
+            if took >= timer.slow:
                 with contextlib.suppress(Exception):  # never raise into the loop
                     notes.append((time.monotonic(), took, describe(handle, took)))
 
@@ -89,14 +89,15 @@ class PreciseTimer:
         _HANDLE._run = _run  # type: ignore[method-assign,assignment]
         self._installed = _run
 
-    def drain(self) -> list[SlowCallback]:
-        """Take every noted slow callback (called by sampler threads)."""
-        out = []
+    def drain(self) -> list[tuple[float, SlowCallback]]:
+        """Take every noted slow callback with its end time (called by sampler threads)."""
+        out: list[tuple[float, SlowCallback]] = []
         while True:
             try:
-                out.append(self.notes.popleft()[2])
+                ended, _, event = self.notes.popleft()
             except IndexError:
                 return out
+            out.append((ended, event))
 
 
 def describe(handle: asyncio.Handle, took: float) -> SlowCallback:

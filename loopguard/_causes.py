@@ -134,9 +134,10 @@ class GilFreeDump:
         self.disarm()
         for patch in reversed(self._patches):
             patch.deactivate()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def _foreign_arm(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         self._armed = False
@@ -194,7 +195,7 @@ class GilFreeDump:
                 text = os.pread(fd, 1 << 20, 0).decode("utf-8", "replace")
                 os.ftruncate(fd, 0)
                 os.lseek(fd, 0, os.SEEK_SET)
-            except OSError:
+            except (OSError, ValueError):
                 return
             self.latest = parse_dump(text)
             self.seq += 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -42,7 +43,7 @@ from ._loopstats import LoopStats, LoopStatsSnapshot
 from ._patch import Patch, cancel_import_hook, when_imported
 from ._sampling import StackFolder, sample_threads
 from ._stats import DelayHistogram, StallSummary
-from .events import Event, Frame, Stall
+from .events import Event, Frame, SlowCallback, Stall
 from .metrics import (
     EVENTLOOP_DELAY,
     EVENTLOOP_PENDING_CALLBACKS,
@@ -261,8 +262,11 @@ class Watchdog:
         self._finished_delay = DelayHistogram()
         self._clocks = CpuClocks()
         self._snapshot: CpuSnapshot | None = None
-        self._dump: tuple[float, dict[int, tuple[Frame, ...]]] | None = None
+        self._dump: tuple[int, dict[int, tuple[Frame, ...]]] | None = None
         self._dump_seq = 0
+        self._wakes = 0
+        self._carried: list[tuple[float, SlowCallback]] = []  # precise notes held one wake
+        self._waited: list[tuple[float, SlowCallback]] = []
         self._noticed: set[str] = set()
         self.running = False
 
@@ -303,25 +307,23 @@ class Watchdog:
                 return
             self.running = False
             _running.remove(self)
-            if not _running:
-                _hooks_off()
-            TIMER.remove(self)
-            if not any(wd.config.stats for wd in _running):
-                _observe_stats(False)
         self._stop = True
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
         self._thread = None
-        with self._lock:
-            watches, self._watches = self._watches, []
-        for watch in watches:
-            watch.attached = False
-            self._finished_delay.merge(watch.delay)
-            if watch.stats is not None:
-                watch.stats.stop()
-                _retire_stats(watch.stats)
+        # A stall that ended just before stopping is still reported (and counted).
+        try:
+            self._pass(_monotonic(), starved=False, final=True)
+        except Exception:
+            logger.exception("loopguard: final check failed")
+        with _running_lock:
+            if not _running:
+                _hooks_off()
+            TIMER.remove(self)
+            if not any(wd.config.stats for wd in _running):
+                _observe_stats(False)
         self.sinks.close()
 
     def __enter__(self) -> Watchdog:
@@ -379,7 +381,7 @@ class Watchdog:
                 if self.config.precise and kind != "asyncio" and kind not in self._noticed:
                     self._noticed.add(kind)
                     logger.warning(
-                        "loopguard: precise mode times callbacks of asyncio's own loops only; "
+                        "precise mode times callbacks of asyncio's own loops only; "
                         "%s loops are watched by the sampling watchdog alone",
                         kind,
                     )
@@ -469,34 +471,13 @@ class Watchdog:
 
     def _sampler_main(self) -> None:
         interval = self.config.period
-        threshold = self.config.threshold
         tolerance = max(interval, 4 * sys.getswitchinterval())
-        dump_margin = max(threshold, _MIN_DUMP_MARGIN)
+        dump_margin = max(self.config.threshold, _MIN_DUMP_MARGIN)
         planned = _monotonic()
         while not self._stop:
             now = _monotonic()
-            starved = now - planned > tolerance
-            _DUMP.poll()
-            if _DUMP.seq != self._dump_seq:
-                self._dump_seq = _DUMP.seq
-                self._dump = (now, _DUMP.latest)
-            snapshot = self._clocks.snapshot()
-            if self.config.precise:
-                for slow in TIMER.drain():
-                    _record(EVENTLOOP_SLOW_CALLBACKS, 1)
-                    self.sinks.emit(slow)
-            next_wake = now + threshold
-            with self._lock:
-                watches = list(self._watches)
-            for watch in watches:
-                try:
-                    due = self._check(watch, now, starved, snapshot)
-                except Exception:
-                    logger.exception("loopguard sampler failed on %r", watch.loop)
-                    due = now + threshold
-                next_wake = min(next_wake, due)
-            self._snapshot = snapshot
-            if not watches:
+            next_wake, watching = self._pass(now, starved=now - planned > tolerance)
+            if not watching:
                 _DUMP.disarm()
                 self._wake.wait()
                 planned = _monotonic()
@@ -509,8 +490,87 @@ class Watchdog:
                 self._wake.wait(planned - _monotonic())
             self._wake.clear()
 
+    def _pass(self, now: float, starved: bool, final: bool = False) -> tuple[float, bool]:
+        """One look at every loop; emit what ended. Returns (next wake, any loop watched)."""
+        threshold = self.config.threshold
+        _DUMP.poll()
+        if _DUMP.seq != self._dump_seq:
+            self._dump_seq = _DUMP.seq
+            self._dump = (self._wakes, _DUMP.latest)
+        snapshot = self._clocks.snapshot()
+        next_wake = now + threshold
+        with self._lock:
+            watches = list(self._watches)
+        stalls: list[tuple[float, Stall]] = []
+        for watch in watches:
+            if final:  # the watchdog stops: whatever a loop still holds is reported now
+                watch.attached = False
+                watch.detached_at = watch.detached_at or now
+                if watch.stats is not None:
+                    watch.stats.stop()
+            try:
+                due = self._check(watch, now, starved, snapshot, stalls)
+            except Exception:
+                logger.exception("loopguard sampler failed on %r", watch.loop)
+                due = now + threshold
+            next_wake = min(next_wake, due)
+        self._snapshot = snapshot
+        self._wakes += 1
+        if self.config.precise:
+            stalls = self._merge_precise(stalls, final)
+        for _, stall in stalls:
+            if stall.duration < threshold:
+                continue
+            _record(EVENTLOOP_STALLS, 1, {"cause": stall.cause})
+            _record(EVENTLOOP_STALL_DURATION, stall.duration)
+            self.sinks.emit(stall)
+        return next_wake, bool(watches)
+
+    def _merge_precise(
+        self, stalls: list[tuple[float, Stall]], final: bool
+    ) -> list[tuple[float, Stall]]:
+        """Report each slow callback once: as a stall if the heartbeat saw it, else as slow.
+
+        A timed callback that matches a stall lends it its exact duration. A long one
+        with no stall yet waits one wake, since its stall may be finalised next time.
+        """
+        period, threshold = self.config.period, self.config.threshold
+        notes, self._carried = self._carried + TIMER.drain(), []
+        merged = []
+        for end, stall in stalls:
+            start = end - stall.duration - period
+            match = next((n for n in notes if start <= n[0] <= end + period), None)
+            if match is None:
+                merged.append((end, stall))
+                continue
+            slow = match[1]
+            if max(stall.duration, slow.duration) < threshold:
+                continue  # the note stays: reported below as a slow callback
+            notes.remove(match)
+            stall = dataclasses.replace(
+                stall,
+                duration=max(stall.duration, slow.duration),
+                culprit=stall.culprit or slow.culprit,
+                task=stall.task or slow.task,
+                cause="blocked" if stall.cause == "unknown" else stall.cause,
+            )
+            merged.append((end, stall))
+        for note in notes:
+            if note[1].duration >= threshold and not final and note not in self._waited:
+                self._carried.append(note)
+                continue
+            _record(EVENTLOOP_SLOW_CALLBACKS, 1)
+            self.sinks.emit(note[1])
+        self._waited = list(self._carried)
+        return merged
+
     def _check(
-        self, watch: _LoopWatch, now: float, starved: bool, snapshot: CpuSnapshot | None
+        self,
+        watch: _LoopWatch,
+        now: float,
+        starved: bool,
+        snapshot: CpuSnapshot | None,
+        stalls: list[tuple[float, Stall]],
     ) -> float:
         """Advance one loop's stall state; return when the sampler should look again."""
         interval, threshold = watch.period, watch.threshold
@@ -525,9 +585,9 @@ class Watchdog:
             else:  # the loop stopped before its heartbeat could run again
                 end = watch.detached_at or last_tick
                 gap = end - ongoing.tick
-            self._emit_stall(watch, end, gap, ongoing, snapshot)
+            self._stall(watch, end, gap, ongoing, snapshot, stalls)
         for end, gap in pending:  # stalls the sampler never saw (it was starved throughout)
-            self._emit_stall(watch, end, gap, None, snapshot)
+            self._stall(watch, end, gap, None, snapshot, stalls)
         if not attached:
             self._forget(watch)
             return now + threshold
@@ -553,20 +613,24 @@ class Watchdog:
                 ongoing.others = others
         return now + interval
 
-    def _emit_stall(
+    def _stall(
         self,
         watch: _LoopWatch,
         end: float,
         gap: float,
         ongoing: _Ongoing | None,
         after: CpuSnapshot | None,
+        stalls: list[tuple[float, Stall]],
     ) -> None:
         # The stall began somewhere in the heartbeat period before the gap: centre it.
-        duration = max(gap - watch.period / 2, gap - watch.period, 0.0)
+        duration = max(gap - watch.period / 2, 0.0)
+        # Below the threshold by more than the estimate's error: not a stall. Between:
+        # a candidate, which precise timing may confirm; _pass drops the rest.
         if duration < watch.threshold - watch.period / 2:
             return
         dump = None
-        if self._dump is not None and self._dump[0] >= end - gap:
+        # A dump read at this wake or the one before belongs to a stall ending now.
+        if self._dump is not None and self._dump[0] >= self._wakes - 1:
             dump, self._dump = self._dump[1], None
         before = ongoing.before if ongoing is not None else self._snapshot
         own = frozenset(
@@ -600,9 +664,7 @@ class Watchdog:
             hog=found.hog,
             loop_cpu=found.loop_cpu,
         )
-        _record(EVENTLOOP_STALLS, 1, {"cause": stall.cause})
-        _record(EVENTLOOP_STALL_DURATION, stall.duration)
-        self.sinks.emit(stall)
+        stalls.append((end, stall))
 
     def _after_fork_in_child(self) -> None:
         me = threading.get_ident()

@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--blocking",
-        choices=("off", "warn", "raise"),
+        choices=("off", "warn", "raise", "record"),
         default=None,
         help="blocking-call guard mode (default off)",
     )
@@ -114,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
         help="run a small service that stalls its loop and show what loopguard reports",
         description="Run a self-contained demo service under `loopguard run` (about 10 s).",
     )
+    run.set_defaults(subparser=run)
+    demo.set_defaults(subparser=demo)
     demo.add_argument("--json", metavar="FILE", default=None, help="also write events to FILE")
 
     report = sub.add_parser(
@@ -122,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Group the stalls of a --json file by culprit.",
     )
     report.add_argument("file", help="the JSON-lines file")
+    report.set_defaults(subparser=report)
     return parser
 
 
@@ -135,11 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``loopguard`` command; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    sub: argparse.ArgumentParser = args.subparser  # errors show the subcommand's usage
     if args.command == "run":
-        return _run(parser, args)
+        return _run(sub, args)
     if args.command == "demo":
         return _demo(args)
-    return _report(parser, args)
+    return _report(sub, args)
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -147,7 +151,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        parser.error("run: missing the command to run (loopguard run [OPTIONS] -- CMD [ARGS...])")
+        parser.error("missing the command to run (loopguard run [OPTIONS] -- CMD [ARGS...])")
     env = dict(os.environ)
     settings = {
         "THRESHOLD": args.threshold,
@@ -163,17 +167,24 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             with open(path, "a", encoding="utf-8"):
                 pass
         except OSError as exc:
-            parser.error(f"run: cannot write --json file {args.json!r}: {exc.strerror or exc}")
+            parser.error(f"cannot write --json file {args.json!r}: {exc.strerror or exc}")
         settings["JSON"] = str(path)
     for key, value in settings.items():
         if value is not None:
             env["LOOPGUARD_" + key] = str(value)
     if args.no_summary:
         env["LOOPGUARD_SUMMARY"] = "0"
-    try:  # the same validation the child applies, so a bad setting fails here
+    try:  # the options as given, then with the environment, as the child will read them
+        Config(
+            **{k.lower(): v for k, v in settings.items() if v is not None and k != "JSON"}
+            | {"precise": bool(args.precise), "stats": bool(args.stats)}
+        )
+    except ValueError as exc:
+        parser.error(f"{exc}")
+    try:
         Config.from_env(env)
     except ValueError as exc:
-        parser.error(f"run: {exc}")
+        parser.error(f"{exc}")
     env["PYTHONPATH"] = os.pathsep.join(
         [_BOOTSTRAP_DIR, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
     )
@@ -208,7 +219,7 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 try:
                     data = json.loads(line)
                 except json.JSONDecodeError:
-                    parser.error(f"report: {args.file}:{number} is not a JSON line")
+                    parser.error(f"{args.file}:{number} is not a JSON line")
                 kind = data.get("kind", "?")
                 kinds[kind] = kinds.get(kind, 0) + 1
                 if kind == "stall":
@@ -223,7 +234,7 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                         )
                     )
     except OSError as exc:
-        parser.error(f"report: cannot read {args.file!r}: {exc.strerror or exc}")
+        parser.error(f"cannot read {args.file!r}: {exc.strerror or exc}")
     counts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no events"
     print(f"{args.file}: {counts}")
     rows = summary.rows()

@@ -267,6 +267,9 @@ class _Rate:
 class JsonLinesSink:
     """Appends one JSON object per event per line to a file.
 
+    Each object is the event's :meth:`~loopguard.events.Event.to_dict` plus the
+    ``pid`` of the process that wrote it.
+
     The file is opened when the sink is created, so a path that cannot be written
     fails at install time with :class:`OSError`, never later. Each line is written
     with a single ``write`` in append mode, so several processes may share a file.
@@ -281,8 +284,10 @@ class JsonLinesSink:
         self._lock = threading.Lock()
 
     def emit(self, event: Event) -> None:
-        """Write the event as one line."""
-        line = json.dumps(event.to_dict(), separators=(",", ":")) + "\n"
+        """Write the event as one line, with the writing process's ``pid``."""
+        data = event.to_dict()
+        data["pid"] = os.getpid()  # several worker processes may share one file
+        line = json.dumps(data, separators=(",", ":")) + "\n"
         with self._lock:
             if self._file is not None:
                 self._file.write(line)

@@ -261,3 +261,19 @@ def test_uvicorn_app_is_watched_without_code_change(tmp_path: Path) -> None:
     assert all(r["culprit"]["file"].endswith("asgi.py") for r in records)
     assert all(r["culprit"]["function"] == "app" for r in records)
     assert "loopguard summary" in err
+
+
+def test_summary_counts_a_stall_that_ends_at_exit(tmp_path: Path) -> None:
+    (tmp_path / "end.py").write_text(
+        "import asyncio, time\nasync def main():\n    time.sleep(0.3)\nasyncio.run(main())\n"
+    )
+    out = tmp_path / "events.jsonl"
+    for _ in range(3):
+        result = loopguard("run", "--json", str(out), "--", sys.executable, "end.py", cwd=tmp_path)
+        assert result.returncode == 0
+        summary = result.stderr[result.stderr.index("loopguard summary") :]
+        assert "1 stall(s)" in summary, result.stderr
+        assert result.stderr.index("event loop blocked") < result.stderr.index("summary")
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3
+    assert all(isinstance(r["pid"], int) for r in records)

@@ -125,3 +125,21 @@ def test_cli_precise_writes_slow_callback_events(tmp_path: Path) -> None:
     assert [r["kind"] for r in records] == ["slow_callback"]
     assert records[0]["callback"] == "main" and records[0]["task"] == "Task-1"
     assert "slow callback: main" in result.stderr
+
+
+def test_callbacks_near_the_threshold_are_reported_once() -> None:
+    async def busy(seconds: float) -> None:
+        await asyncio.sleep(0.01)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    async def main() -> None:
+        for seconds in (0.092, 0.096, 0.1, 0.104, 0.108):
+            await asyncio.create_task(busy(seconds))
+            await asyncio.sleep(0.05)
+
+    with loopguard.watch(threshold=0.1, precise=True) as wd:
+        asyncio.run(main())
+    reported = [e for e in wd.events if isinstance(e, (Stall, SlowCallback))]
+    assert len(reported) == 5, reported  # each callback once: as a stall or as slow

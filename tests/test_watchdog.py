@@ -372,3 +372,15 @@ def test_forked_child_rearms() -> None:
     assert proc.exitcode == 0
     assert len(stalls) == 1
     assert stalls[0]["culprit"]["line"] == SLEEPY_LINE
+
+
+def test_stall_that_ends_as_the_watch_ends_is_reported() -> None:
+    async def main() -> None:
+        sleepy(0.2)  # the loop finishes right after: no heartbeat runs again
+
+    for _ in range(5):
+        with loopguard.watch(threshold=THRESHOLD, interval=INTERVAL) as wd:
+            asyncio.run(main())
+        assert len(wd.stalls) == 1  # read at once, no waiting: stop() took a last look
+        assert wd.stalls[0].culprit is not None
+        assert wd.stalls[0].culprit.line == SLEEPY_LINE
