@@ -263,24 +263,21 @@ _BLOCKS: Any = object()  # the call would block
 _ALLOWED: Any = object()  # it blocks, but is allowed (or no guard wants it)
 
 
-class _Done:
-    __slots__ = ("value",)
-
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-
 Probe = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+
+
+_AUTO = -2  # _Entry.shape: read the signature
 
 
 class _Entry:
     """One catalogue name: what the guarded call is called and how to tell it blocks."""
 
-    __slots__ = ("name", "probe")
+    __slots__ = ("name", "probe", "shape")
 
-    def __init__(self, name: str, probe: Probe | None) -> None:
+    def __init__(self, name: str, probe: Probe | None, shape: int | None = _AUTO) -> None:
         self.name = name
         self.probe = probe
+        self.shape = shape  # see _shape(); known here for C functions without a signature
 
 
 class _State(threading.local):
@@ -296,6 +293,16 @@ def _on_loop(
     entry: _Entry, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """The slow path: the calling thread may be running an event loop."""
+    probe = entry.probe
+    if probe is not None:  # first: most calls asyncio makes itself end here
+        try:
+            seen = probe(original, args, kwargs)
+        except Exception:
+            seen = _RUN
+        if seen is _RUN:
+            return original(*args, **kwargs)
+        if seen is not _BLOCKS:
+            return seen  # done without blocking (an uncontended lock, a queued item)
     state = _state
     if state.busy or not _guards:
         return original(*args, **kwargs)
@@ -313,8 +320,6 @@ def _on_loop(
             return original(*args, **kwargs)
         if verdict is _ALLOWED:
             return original(*args, **kwargs)
-        if type(verdict) is _Done:
-            return verdict.value
         start = _perf_counter()
         try:
             return original(*args, **kwargs)
@@ -350,13 +355,6 @@ def _verdict(
     found = _loop_kind()
     if found is None:
         return _RUN
-    probe = entry.probe
-    if probe is not None:
-        seen = probe(original, args, kwargs)
-        if seen is _RUN:
-            return _RUN
-        if seen is not _BLOCKS:
-            return _Done(seen)
     frame: FrameType | None = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename == _THIS_FILE:
         frame = frame.f_back
@@ -491,15 +489,95 @@ class _Report:
 # -- replacements -----------------------------------------------------------------------
 
 
+def _shape(original: Callable[..., Any]) -> int | None:
+    """How many arguments ``original`` takes if always exactly that many, all positional-only.
+
+    Returns:
+        That number (0 to 2), ``-1`` when it takes positional-only arguments only but
+        not a fixed number, ``None`` otherwise (or when its signature is unknown).
+    """
+    import inspect
+
+    try:
+        params = list(inspect.signature(original).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = {p.kind for p in params}
+    if not kinds <= {inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL}:
+        return None
+    if inspect.Parameter.VAR_POSITIONAL in kinds or any(
+        p.default is not inspect.Parameter.empty for p in params
+    ):
+        return -1
+    return len(params) if len(params) <= 2 else -1
+
+
 def _guarded(entry: _Entry, original: Callable[..., Any]) -> Callable[..., Any]:
-    """Return the replacement of ``original``: a plain function with a C-only fast path."""
+    """Return the replacement of ``original``: a plain function with a C-only fast path.
+
+    Off the loop the replacement costs a Python call and ``_get_running_loop()``;
+    packing ``*args``/``**kwargs`` is a large part of that, so functions that take a
+    fixed number of positional-only arguments (most of the C ones) get a replacement
+    of exactly that signature, and positional-only ones no ``**kwargs``.
+    """
     on_loop = _on_loop
     grl = _grl
+    shape = _shape(original) if entry.shape == _AUTO else entry.shape
+    guarded: Callable[..., Any]
 
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        if grl() is None and not _trio_threads:
-            return original(*args, **kwargs)
-        return on_loop(entry, original, args, kwargs)
+    if entry.probe is _p_socket and shape == -1:
+        # Socket methods: asyncio calls them on the loop all the time, on non-blocking
+        # sockets; let those through without leaving this frame.
+        def guarded(*args: Any) -> Any:
+            if (grl() is None and not _trio_threads) or args[0].gettimeout() == 0.0:
+                return original(*args)
+            return on_loop(entry, original, args, {})
+
+    elif entry.probe is _p_socket:
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if (grl() is None and not _trio_threads) or args[0].gettimeout() == 0.0:
+                if kwargs:
+                    return original(*args, **kwargs)
+                return original(*args)
+            return on_loop(entry, original, args, kwargs)
+
+    elif shape == 0:
+
+        def guarded() -> Any:
+            if grl() is None and not _trio_threads:
+                return original()
+            return on_loop(entry, original, (), {})
+
+    elif shape == 1:
+
+        def guarded(a: Any, /) -> Any:
+            if grl() is None and not _trio_threads:
+                return original(a)
+            return on_loop(entry, original, (a,), {})
+
+    elif shape == 2:
+
+        def guarded(a: Any, b: Any, /) -> Any:
+            if grl() is None and not _trio_threads:
+                return original(a, b)
+            return on_loop(entry, original, (a, b), {})
+
+    elif shape == -1:
+
+        def guarded(*args: Any) -> Any:
+            if grl() is None and not _trio_threads:
+                return original(*args)
+            return on_loop(entry, original, args, {})
+
+    else:
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if grl() is None and not _trio_threads:
+                if kwargs:
+                    return original(*args, **kwargs)
+                return original(*args)
+            return on_loop(entry, original, args, kwargs)
 
     functools.update_wrapper(guarded, original, updated=())
     return guarded
@@ -651,27 +729,28 @@ class _LockMeta(type):
 class GuardedLock(metaclass=_LockMeta):
     """What ``threading.Lock()`` returns while a guard runs: a lock whose waits are checked."""
 
-    __slots__ = ("__weakref__", "_lock", "locked", "release")
+    __slots__ = ("__weakref__", "_acquire", "_lock", "locked", "release")
 
     def __init__(self) -> None:
         lock = _allocate_lock()
         self._lock = lock
+        self._acquire = lock.acquire
         self.release = lock.release
         self.locked = lock.locked
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Acquire the lock, like ``threading.Lock.acquire``."""
         if _grl() is None and not _trio_threads:
-            return self._lock.acquire(blocking, timeout)
-        return bool(_on_loop(_LOCK, self._lock.acquire, (blocking, timeout), {}))
+            return self._acquire(blocking, timeout)
+        return bool(_on_loop(_LOCK, self._acquire, (blocking, timeout), {}))
 
     def __enter__(self) -> bool:
         if _grl() is None and not _trio_threads:
-            return self._lock.acquire()
-        return bool(_on_loop(_LOCK, self._lock.acquire, (), {}))
+            return self._acquire()
+        return bool(_on_loop(_LOCK, self._acquire, (), {}))
 
     def __exit__(self, *exc: object) -> None:
-        self._lock.release()
+        self.release()
 
     def _at_fork_reinit(self) -> None:
         self._lock._at_fork_reinit()  # type: ignore[attr-defined]
@@ -1003,19 +1082,35 @@ def _add(
     name: str | None = None,
     make: Callable[[_Entry], Callable[[Any], Any]] | Callable[[Any], Any] | None = None,
     via: bool = False,
+    shape: int | None = _AUTO,
 ) -> None:
     full = name or f"{module}.{target}"
     entry = CatalogueEntry(full, module, target, when, group)
     if via:
         _TARGETS.append(_Target(entry, None))
         return
-    maker = make if make is not None else _replace(_Entry(full, probe))
+    maker = make if make is not None else _replace(_Entry(full, probe, shape))
     _TARGETS.append(_Target(entry, maker))
 
 
 _NONBLOCKING = "the socket is in blocking mode (a timeout counts as blocking)"
+# C socket methods that take positional arguments only (no signature to read).
+_SOCKET_SHAPES = dict.fromkeys(
+    (
+        "connect",
+        "connect_ex",
+        "recv",
+        "recvfrom",
+        "recvmsg",
+        "send",
+        "sendall",
+        "sendto",
+        "sendmsg",
+    ),
+    -1,
+)
 
-_add("time", "time", "sleep", _p_sleep, "seconds > 0")
+_add("time", "time", "sleep", _p_sleep, "seconds > 0", shape=1)
 _add("builtins", "builtins", "input")
 _add("builtins", "builtins", "open", _p_open, "a path, not an existing file descriptor")
 _add("builtins", "io", "open", _p_open, "a path, not an existing file descriptor")
@@ -1036,7 +1131,7 @@ for _m in (
     "sendmsg",
     "sendfile",
 ):
-    _add("socket", "socket", f"socket.{_m}", _p_socket, _NONBLOCKING)
+    _add("socket", "socket", f"socket.{_m}", _p_socket, _NONBLOCKING, shape=_SOCKET_SHAPES.get(_m))
 for _m in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo"):
     _add("socket", "socket", _m)
 _add("socket", "socket", "getfqdn")

@@ -1031,11 +1031,19 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _redis_client() -> Any:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis(port=_closed_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+
+
 @case("redis.Redis.execute_command")
 def _redis(ctx: Ctx) -> Call:
     import redis
 
-    client = redis.Redis(port=_closed_port(), socket_connect_timeout=1)
+    client = _redis_client()
 
     def call() -> object:
         with contextlib.suppress(redis.ConnectionError):
@@ -1049,7 +1057,7 @@ def _redis(ctx: Ctx) -> Call:
 def _redis_pipeline(ctx: Ctx) -> Call:
     import redis
 
-    client = redis.Redis(port=_closed_port(), socket_connect_timeout=1)
+    client = _redis_client()
 
     def call() -> object:
         with contextlib.suppress(redis.ConnectionError):

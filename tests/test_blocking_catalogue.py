@@ -13,7 +13,8 @@ from blocking_cases import CASES, NEEDS, UNTESTABLE, Servers, Skip, prepared
 import loopguard
 from loopguard._blocking import catalogue
 
-pytestmark = pytest.mark.loopguard(blocking="off")  # these tests block the loop on purpose
+# These tests make blocking calls on the loop on purpose (some take a while).
+pytestmark = pytest.mark.loopguard(blocking="off", threshold=1)
 
 NAMES = [entry.name for entry in catalogue()]
 
