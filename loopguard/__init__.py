@@ -13,6 +13,7 @@ from ._blocking import Allow as Allow
 from ._blocking import BlockingCallError as BlockingCallError
 from ._blocking import BlockingGuard as BlockingGuard
 from ._config import Config as Config
+from ._loopstats import LoopStatsSnapshot as LoopStatsSnapshot
 from ._watchdog import Watchdog as Watchdog
 from .events import BlockingCall as BlockingCall
 from .events import Event as Event
@@ -46,6 +47,7 @@ __all__ = [
     "Hog",
     "JsonLinesSink",
     "LoggingSink",
+    "LoopStatsSnapshot",
     "Offloaded",
     "RecordingSink",
     "Sink",

@@ -162,7 +162,8 @@ def watch(
         stats: Collect loop statistics (see :func:`install`).
         precise: Time every callback (see :func:`install`).
         slow_callback: Precise mode's report threshold (default ``threshold/2``).
-        **unknown: Rejected: any other keyword raises ``ValueError``.
+        **unknown: Any other :class:`~loopguard.Config` option (``blocking``,
+            ``blocking_allow``...); a name that is not one raises ``ValueError``.
 
     Returns:
         A not yet started :class:`Watchdog`; ``with`` starts and stops it.

@@ -122,6 +122,7 @@ class GilFreeDump:
         """Open the private dump file and watch for other users of the slot."""
         if self._file is None:
             self._file = tempfile.TemporaryFile()  # noqa: SIM115 - kept open while running
+        self.foreign = False
         for patch in self._patches:
             patch.activate()
         # A timer armed before we patched is invisible to us; the one we know of is
@@ -302,13 +303,18 @@ def diagnose(
         return Diagnosis("unknown", None, (), None, loop_cpu)
 
     stacks = folder.folded() if sampled and folder is not None else (StackSample(1, loop_stack),)
-    # With only a dump, the CPU clocks say who held the GIL: the thread that burned the
-    # most CPU during the stall (a ratio, so it holds on a machine short of cores).
+    # With only a dump, the CPU clocks say who held the GIL. A thread waiting for the
+    # GIL burns almost no CPU, so a loop thread busy most of the stall held it; else
+    # the thread that burned the most CPU did (a ratio: it holds on a machine short of
+    # cores).
     candidates = {i: d for i, d in deltas.items() if i not in exclude}
     busiest = max(candidates, key=candidates.__getitem__) if candidates else None
     waiting = is_idle(loop_stack)  # a loop in select() holds nothing
-    if not waiting and not sampled and busiest is not None:
-        waiting = busiest != loop_ident
+    if not waiting and not sampled:
+        if loop_cpu is not None and loop_cpu >= 0.5:
+            waiting = False
+        elif busiest is not None:
+            waiting = busiest != loop_ident
     if not waiting:
         culprit = culprit_of(callback_frames(loop_stack)) or culprit_of(loop_stack)
         return Diagnosis("blocked" if sampled else "c-held-gil", culprit, stacks, None, loop_cpu)

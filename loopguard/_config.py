@@ -44,6 +44,10 @@ class Config:
             longer than ``slow_callback`` as ``SlowCallback`` events.
         slow_callback: Seconds a callback may run before precise mode reports it
             (default ``threshold / 2``); must be smaller than ``threshold``.
+        gil_dump: Name the line of C code that holds the GIL through a traceback
+            dump that needs no GIL (faulthandler's timer). It fires only when the
+            sampler is late by ``max(threshold, 0.1)`` s; set ``False`` to never use
+            it (such stalls are then reported with cause ``"unknown"``).
         blocking: Blocking-call guard: ``"off"``, ``"warn"`` (log and report each
             blocking call made on a loop thread), ``"raise"`` (refuse it with
             ``BlockingCallError``) or ``"record"`` (report without logging).
@@ -61,6 +65,7 @@ class Config:
     stats: bool = False
     precise: bool = False
     slow_callback: float | None = None
+    gil_dump: bool = True
     blocking: BlockingMode = "off"
     blocking_allow: Sequence[str | Allow] = field(default_factory=tuple)
 
@@ -154,6 +159,7 @@ class Config:
             "PRECISE": _flag,
             "STATS": _flag,
             "SLOW_CALLBACK": float,
+            "GIL_DUMP": _flag,
         }
         internal = {"SUMMARY", "BOOTSTRAPPED"}  # set by the CLI for its own use
         options: dict[str, Any] = {}

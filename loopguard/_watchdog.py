@@ -78,6 +78,7 @@ class _LoopWatch:
         "ongoing",
         "pending",
         "period",
+        "reports",
         "running_task",
         "stats",
         "thread_id",
@@ -99,6 +100,8 @@ class _LoopWatch:
         self.attached = True
         self.detached_at = 0.0
         self.ongoing: _Ongoing | None = None  # sampler-only state
+        # One watchdog reports a loop's metrics, so two on one loop do not count twice.
+        self.reports = bool(_running) and _running[0] is wd
         self.stats: LoopStats | None = None
         if wd.config.stats:
             self.stats = LoopStats(loop, kind, self.thread_name)
@@ -117,7 +120,8 @@ class _LoopWatch:
         self.last_tick = now
         late = gap - self.period
         self.delay.record(late)
-        _record(EVENTLOOP_DELAY, late if late > 0.0 else 0.0)
+        if self.reports:
+            _record(EVENTLOOP_DELAY, late if late > 0.0 else 0.0)
         if gap >= self.threshold and len(self.pending) < 64:
             self.pending.append((now, gap))
 
@@ -486,7 +490,8 @@ class Watchdog:
                 # If this thread still cannot run well after it should, someone holds
                 # the GIL in C: dump stacks. The margin keeps ordinary GIL hand-offs
                 # and scheduling delays from firing it (see _causes.GilFreeDump).
-                _DUMP.arm(planned - now + dump_margin)
+                if self.config.gil_dump:
+                    _DUMP.arm(planned - now + dump_margin)
                 self._wake.wait(planned - _monotonic())
             self._wake.clear()
 
@@ -518,11 +523,13 @@ class Watchdog:
         self._wakes += 1
         if self.config.precise:
             stalls = self._merge_precise(stalls, final)
+        reports = bool(_running) and _running[0] is self
         for _, stall in stalls:
             if stall.duration < threshold:
                 continue
-            _record(EVENTLOOP_STALLS, 1, {"cause": stall.cause})
-            _record(EVENTLOOP_STALL_DURATION, stall.duration)
+            if reports:
+                _record(EVENTLOOP_STALLS, 1, {"cause": stall.cause})
+                _record(EVENTLOOP_STALL_DURATION, stall.duration)
             self.sinks.emit(stall)
         return next_wake, bool(watches)
 
@@ -552,7 +559,6 @@ class Watchdog:
                 duration=max(stall.duration, slow.duration),
                 culprit=stall.culprit or slow.culprit,
                 task=stall.task or slow.task,
-                cause="blocked" if stall.cause == "unknown" else stall.cause,
             )
             merged.append((end, stall))
         for note in notes:

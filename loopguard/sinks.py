@@ -55,7 +55,12 @@ def format_stall(stall: Stall, *, max_frames: int = 12) -> str:
     Returns:
         A multi-line string without a trailing newline.
     """
-    where = _where(stall.culprit) if stall.culprit else "no sample taken while it was held"
+    if stall.culprit is not None:
+        where = _where(stall.culprit)
+    elif stall.samples or stall.stacks:
+        where = "culprit not identified (see the stack)"
+    else:
+        where = "no sample taken while it was held"
     task = f" in task {stall.task!r}" if stall.task else ""
     why = {
         "c-held-gil": " by C code holding the GIL",
