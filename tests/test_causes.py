@@ -249,3 +249,22 @@ def test_diagnose_prefers_the_thread_that_burned_the_cpu() -> None:
     assert found.cause == "gil"
     assert found.hog is not None and found.hog.thread == "w2" and found.hog.cpu == 0.9
     assert found.culprit == busy[0]
+
+
+def test_gil_dump_can_be_switched_off() -> None:
+    with loopguard.watch(threshold=THRESHOLD, gil_dump=False) as wd:  # type: ignore[arg-type]
+        run("asyncio", lambda: _in_callback(regex_hold))
+        stalls = collect(wd)
+    assert [s.cause for s in stalls] == ["unknown"]
+    assert stalls[0].culprit is None
+
+
+def test_a_foreign_timer_seen_by_an_earlier_watchdog_does_not_disable_later_ones() -> None:
+    with tempfile.TemporaryFile() as theirs:
+        with loopguard.watch(threshold=THRESHOLD):
+            faulthandler.dump_traceback_later(60, file=theirs)
+        faulthandler.cancel_dump_traceback_later()  # after the watchdog stopped
+    with loopguard.watch(threshold=THRESHOLD) as wd:
+        run("asyncio", lambda: _in_callback(regex_hold))
+        stalls = collect(wd)
+    assert [s.cause for s in stalls] == ["c-held-gil"]
