@@ -37,6 +37,7 @@ def install(
     stats: bool = False,
     precise: bool = False,
     slow_callback: float | None = None,
+    gil_dump: bool = True,
     blocking: BlockingMode = "off",
     blocking_allow: Sequence[str | Allow] = (),
     **unknown: NoReturn,
@@ -65,6 +66,8 @@ def install(
             ``slow_callback`` (but shorter than ``threshold``) become
             ``SlowCallback`` events. uvloop and trio: noted once, watchdog only.
         slow_callback: Precise mode's report threshold (default ``threshold/2``).
+        gil_dump: Name C code that holds the GIL through faulthandler's GIL-free
+            traceback dump (see :class:`~loopguard.Config`); ``False`` never uses it.
         blocking: Blocking-call guard for calls made on loop threads: ``"warn"``
             (log each with its stack and duration), ``"raise"`` (refuse it with
             ``BlockingCallError``), ``"record"`` (event only) or ``"off"``.
@@ -91,6 +94,7 @@ def install(
             stats=stats,
             precise=precise,
             slow_callback=slow_callback,
+            gil_dump=gil_dump,
             blocking=blocking,
             blocking_allow=tuple(blocking_allow),
         ),
@@ -143,6 +147,7 @@ def watch(
     stats: bool = False,
     precise: bool = False,
     slow_callback: float | None = None,
+    gil_dump: bool = True,
     **unknown: NoReturn,
 ) -> Watchdog:
     """Return a new, independent watchdog to use as a context manager.
@@ -162,6 +167,8 @@ def watch(
         stats: Collect loop statistics (see :func:`install`).
         precise: Time every callback (see :func:`install`).
         slow_callback: Precise mode's report threshold (default ``threshold/2``).
+        gil_dump: Name C code that holds the GIL through faulthandler's GIL-free
+            traceback dump (see :class:`~loopguard.Config`); ``False`` never uses it.
         **unknown: Any other :class:`~loopguard.Config` option (``blocking``,
             ``blocking_allow``...); a name that is not one raises ``ValueError``.
 
@@ -181,6 +188,8 @@ def watch(
                 stats=stats,
                 precise=precise,
                 slow_callback=slow_callback,
+                gil_dump=gil_dump,
+            gil_dump=gil_dump,
             ),
             dict(unknown),
         )

@@ -252,7 +252,7 @@ def test_diagnose_prefers_the_thread_that_burned_the_cpu() -> None:
 
 
 def test_gil_dump_can_be_switched_off() -> None:
-    with loopguard.watch(threshold=THRESHOLD, gil_dump=False) as wd:  # type: ignore[arg-type]
+    with loopguard.watch(threshold=THRESHOLD, gil_dump=False) as wd:
         run("asyncio", lambda: _in_callback(regex_hold))
         stalls = collect(wd)
     assert [s.cause for s in stalls] == ["unknown"]
