@@ -189,7 +189,6 @@ def watch(
                 precise=precise,
                 slow_callback=slow_callback,
                 gil_dump=gil_dump,
-            gil_dump=gil_dump,
             ),
             dict(unknown),
         )
