@@ -364,6 +364,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+_ROW_ORDER = (
+    "anyio.to_thread.run_sync",
+    "@offload",
+    _WITH_SDK,
+    "asyncio.to_thread",
+    "trio.to_thread.run_sync",
+    "direct call f(x)",
+    "await async def (reference)",
+    "await adaptive @offload (inline)",
+)
+
+
+def _row_rank(name: str) -> int:
+    return _ROW_ORDER.index(name) if name in _ROW_ORDER else len(_ROW_ORDER)
+
+
 def summarize(raw: dict[str, Any], settings: Settings) -> tuple[str, dict[str, Any]]:
     """Turn raw numbers into the Markdown tables and the JSON summary."""
     summary: dict[str, Any] = {"per_call": {}, "inline": {}, "throughput": {}, "delay": {}}
@@ -373,7 +389,7 @@ def summarize(raw: dict[str, Any], settings: Settings) -> tuple[str, dict[str, A
     for loop in LOOPS:
         timings = raw["per_call"][loop]
         base = timings["anyio.to_thread.run_sync"]
-        for name, values in timings.items():
+        for name, values in sorted(timings.items(), key=lambda item: _row_rank(item[0])):
             ratios = [v / b for v, b in zip(values, base, strict=True)]
             q1, q3 = _quartiles(ratios)
             summary["per_call"].setdefault(loop, {})[name] = {
@@ -399,7 +415,7 @@ def summarize(raw: dict[str, Any], settings: Settings) -> tuple[str, dict[str, A
 
     direct = raw["inline"]["direct call f(x)"]
     rows = []
-    for name, values in raw["inline"].items():
+    for name, values in sorted(raw["inline"].items(), key=lambda item: _row_rank(item[0])):
         extra = [v - d for v, d in zip(values, direct, strict=True)]
         summary["inline"][name] = {
             "ns_per_call": _median(values) * 1e9,
