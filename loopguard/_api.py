@@ -37,7 +37,7 @@ def install(
     stats: bool = False,
     precise: bool = False,
     slow_callback: float | None = None,
-    gil_dump: bool = True,
+    gil_dump: bool = False,
     blocking: BlockingMode = "off",
     blocking_allow: Sequence[str | Allow] = (),
     **unknown: NoReturn,
@@ -66,8 +66,9 @@ def install(
             ``slow_callback`` (but shorter than ``threshold``) become
             ``SlowCallback`` events. uvloop and trio: noted once, watchdog only.
         slow_callback: Precise mode's report threshold (default ``threshold/2``).
-        gil_dump: Name C code that holds the GIL through faulthandler's GIL-free
-            traceback dump (see :class:`~loopguard.Config`); ``False`` never uses it.
+        gil_dump: Name the line of C code that holds the GIL through
+            faulthandler's GIL-free traceback dump. Off by default: it can crash a
+            process that is paused and resumed (see :class:`~loopguard.Config`).
         blocking: Blocking-call guard for calls made on loop threads: ``"warn"``
             (log each with its stack and duration), ``"raise"`` (refuse it with
             ``BlockingCallError``), ``"record"`` (event only) or ``"off"``.
@@ -147,7 +148,7 @@ def watch(
     stats: bool = False,
     precise: bool = False,
     slow_callback: float | None = None,
-    gil_dump: bool = True,
+    gil_dump: bool = False,
     **unknown: NoReturn,
 ) -> Watchdog:
     """Return a new, independent watchdog to use as a context manager.
@@ -167,8 +168,9 @@ def watch(
         stats: Collect loop statistics (see :func:`install`).
         precise: Time every callback (see :func:`install`).
         slow_callback: Precise mode's report threshold (default ``threshold/2``).
-        gil_dump: Name C code that holds the GIL through faulthandler's GIL-free
-            traceback dump (see :class:`~loopguard.Config`); ``False`` never uses it.
+        gil_dump: Name the line of C code that holds the GIL through
+            faulthandler's GIL-free traceback dump. Off by default: it can crash a
+            process that is paused and resumed (see :class:`~loopguard.Config`).
         **unknown: Any other :class:`~loopguard.Config` option (``blocking``,
             ``blocking_allow``...); a name that is not one raises ``ValueError``.
 

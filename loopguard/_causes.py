@@ -294,27 +294,55 @@ def diagnose(
         loop_cpu = round(min(1.0, max(0.0, deltas[loop_ident] / duration)), 3)
 
     sampled = folder is not None and folder.total > 0
+    candidates = {i: d for i, d in deltas.items() if i not in exclude}
+    busiest = max(candidates, key=candidates.__getitem__) if candidates else None
+    others_busy = [
+        i
+        for i, frames in (dump or {}).items()
+        if i != loop_ident and i not in exclude and frames and not _waiting(frames)
+    ]
     if sampled:
         assert folder is not None
         loop_stack = folder.top()
     elif dump and loop_ident in dump:
         loop_stack = dump[loop_ident]
+    elif loop_cpu is not None:
+        # No stack at all (no dump): the CPU clocks still tell the two GIL causes apart.
+        if loop_cpu >= 0.5:
+            return Diagnosis("c-held-gil", None, (), None, loop_cpu)
+        if busiest is not None and busiest != loop_ident:
+            label = (after.names.get(busiest) if after else None) or hex(busiest)
+            return Diagnosis(
+                "gil", None, (), Hog(label, (), round(candidates[busiest], 4)), loop_cpu
+            )
+        # The hog may have exited during the stall: its clock is gone, its name is not.
+        gone = [
+            i
+            for i in (before.cpu if before else {})
+            if after is not None and i not in after.cpu and i not in exclude
+        ]
+        if gone and before is not None:
+            return Diagnosis(
+                "gil", None, (), Hog(before.names.get(gone[0], hex(gone[0])), ()), loop_cpu
+            )
+        return Diagnosis("unknown", None, (), None, loop_cpu)
     else:
         return Diagnosis("unknown", None, (), None, loop_cpu)
 
     stacks = folder.folded() if sampled and folder is not None else (StackSample(1, loop_stack),)
     # With only a dump, the CPU clocks say who held the GIL. A thread waiting for the
-    # GIL burns almost no CPU, so a loop thread busy most of the stall held it; else
+    # GIL burns almost no CPU, so a loop thread busy most of the stall held it. Else
     # the thread that burned the most CPU did (a ratio: it holds on a machine short of
-    # cores).
-    candidates = {i: d for i, d in deltas.items() if i not in exclude}
-    busiest = max(candidates, key=candidates.__getitem__) if candidates else None
+    # cores), unless that is the loop and the dump shows another thread busy (a hog
+    # that has exited since, so its CPU clock could not be read).
     waiting = is_idle(loop_stack)  # a loop in select() holds nothing
     if not waiting and not sampled:
         if loop_cpu is not None and loop_cpu >= 0.5:
             waiting = False
-        elif busiest is not None:
-            waiting = busiest != loop_ident
+        elif busiest is not None and busiest != loop_ident:
+            waiting = True
+        else:
+            waiting = bool(others_busy) and (loop_cpu is None or loop_cpu < 0.5)
     if not waiting:
         culprit = culprit_of(callback_frames(loop_stack)) or culprit_of(loop_stack)
         return Diagnosis("blocked" if sampled else "c-held-gil", culprit, stacks, None, loop_cpu)

@@ -44,10 +44,13 @@ class Config:
             longer than ``slow_callback`` as ``SlowCallback`` events.
         slow_callback: Seconds a callback may run before precise mode reports it
             (default ``threshold / 2``); must be smaller than ``threshold``.
-        gil_dump: Name the line of C code that holds the GIL through a traceback
-            dump that needs no GIL (faulthandler's timer). It fires only when the
-            sampler is late by ``max(threshold, 0.1)`` s; set ``False`` to never use
-            it (such stalls are then reported with cause ``"unknown"``).
+        gil_dump: Name the line of C code that holds the GIL (and the GIL hog's line)
+            through faulthandler's traceback dump, which needs no GIL. Off by
+            default: the dump reads other threads' frames unlocked, which is safe
+            while they wait for the GIL but can crash the process if it fires while
+            they run Python, as after a pause of the whole process (SIGSTOP, a
+            debugger, cgroup CPU throttling). Without it, CPU clocks still give the
+            cause and the hog thread, without the line.
         blocking: Blocking-call guard: ``"off"``, ``"warn"`` (log and report each
             blocking call made on a loop thread), ``"raise"`` (refuse it with
             ``BlockingCallError``) or ``"record"`` (report without logging).
@@ -65,7 +68,7 @@ class Config:
     stats: bool = False
     precise: bool = False
     slow_callback: float | None = None
-    gil_dump: bool = True
+    gil_dump: bool = False
     blocking: BlockingMode = "off"
     blocking_allow: Sequence[str | Allow] = field(default_factory=tuple)
 

@@ -217,7 +217,6 @@ _MIN_DUMP_MARGIN = 0.1
 
 def _hooks_on() -> None:
     _PATCHES[0].activate()
-    _DUMP.start()
     when_imported("uvloop", _patch_uvloop)
     when_imported("trio", _patch_trio)
 
@@ -228,7 +227,6 @@ def _hooks_off() -> None:
     for patch in reversed(_PATCHES):
         patch.deactivate()
     del _PATCHES[1:]
-    _DUMP.stop()
 
 
 class Watchdog:
@@ -291,6 +289,8 @@ class Watchdog:
                 _hooks_on()
             if self.config.stats:
                 _observe_stats(True)
+            if self.config.gil_dump:
+                _DUMP.start()
             _all_watchdogs.add(self)
         if self.config.blocking != "off" and self.blocking_guard is None:
             self.blocking_guard = BlockingGuard(
@@ -328,6 +328,8 @@ class Watchdog:
             TIMER.remove(self)
             if not any(wd.config.stats for wd in _running):
                 _observe_stats(False)
+            if not any(wd.config.gil_dump for wd in _running):
+                _DUMP.stop()
         self.sinks.close()
 
     def __enter__(self) -> Watchdog:

@@ -31,7 +31,7 @@ examples:
 
 Every option can also be set with an environment variable: LOOPGUARD_THRESHOLD,
 LOOPGUARD_INTERVAL, LOOPGUARD_JSON, LOOPGUARD_BLOCKING, LOOPGUARD_PRECISE,
-LOOPGUARD_SLOW_CALLBACK, LOOPGUARD_STATS, LOOPGUARD_LOG.
+LOOPGUARD_SLOW_CALLBACK, LOOPGUARD_STATS, LOOPGUARD_GIL_DUMP, LOOPGUARD_LOG.
 Each stall is reported on stderr when it ends; a summary is printed at exit.
 """
 
@@ -100,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
         help="with --precise: report callbacks longer than S (default threshold/2)",
     )
     run.add_argument(
+        "--gil-dump",
+        action="store_true",
+        help="name the line of C code holding the GIL via a GIL-free traceback dump "
+        "(can crash a process paused by SIGSTOP or cgroup throttling; use in dev/CI)",
+    )
+    run.add_argument(
         "--stats",
         action="store_true",
         help="collect loop statistics: utilization, pending callbacks, tasks (metrics)",
@@ -160,6 +166,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "PRECISE": "1" if args.precise else None,
         "SLOW_CALLBACK": args.slow_callback,
         "STATS": "1" if args.stats else None,
+        "GIL_DUMP": "1" if args.gil_dump else None,
     }
     if args.json is not None:
         path = Path(args.json).resolve()
@@ -177,7 +184,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:  # the options as given, then with the environment, as the child will read them
         Config(
             **{k.lower(): v for k, v in settings.items() if v is not None and k != "JSON"}
-            | {"precise": bool(args.precise), "stats": bool(args.stats)}
+            | {
+                "precise": bool(args.precise),
+                "stats": bool(args.stats),
+                "gil_dump": bool(args.gil_dump),
+            }
         )
     except ValueError as exc:
         parser.error(f"{exc}")
