@@ -209,7 +209,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    run = [sys.executable, "-m", "loopguard", "run"]
+    # The demo process is never paused, so it can show the GIL-free dump at work.
+    run = [sys.executable, "-m", "loopguard", "run", "--gil-dump"]
     if args.json:
         run += ["--json", args.json]
     run += ["--", sys.executable, "-m", "loopguard._demo"]
