@@ -1,0 +1,47 @@
+"""Keep the benchmarks runnable: one tiny B1 round, no timing asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+EXPECTED_CONFIGS = {"vanilla", "loopguard", "asyncio-debug", "aiodebug", "pyleak", "blockbuster"}
+
+
+def test_b1_quick_round_prints_every_configuration(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(RUN),
+            "--quick",
+            "--only",
+            "b1",
+            "--rounds",
+            "1",
+            "--scale",
+            "0.05",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "b1.json").read_text())
+    variants = data["variants"]
+    configs = {v["config"] for v in variants.values()}
+    assert configs >= EXPECTED_CONFIGS
+    assert {v["loop"] for v in variants.values()} == {"asyncio", "uvloop"}
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    for variant in variants.values():
+        assert variant["rounds_measured"] == 1, variant
+        assert any(row.startswith(f"| {variant['label']} ") for row in rows), variant["label"]
+    # The probe (a 250 ms time.sleep on the loop) is seen by loopguard on both loops.
+    assert variants["asyncio/loopguard"]["probe_seen"] == "yes"
+    assert variants["uvloop/loopguard"]["probe_seen"] == "yes"
