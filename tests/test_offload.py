@@ -47,13 +47,19 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return request.param  # type: ignore[no-any-return]
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll without blocking the event loop."""
+    with anyio.move_on_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.005)
     return predicate()
+
+
+@pytest.fixture
+def pool() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
+    # Made and shut down outside the event loop: shutting down joins its threads.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pool") as executor:
+        yield executor
 
 
 # -- module-level functions: worker processes find them by module and name -------------
@@ -125,6 +131,12 @@ def _two_args(a: int, b: object) -> None:
 def _shutdown_pool() -> Iterator[None]:
     yield
     _POOL.shutdown(wait=True, cancel_futures=True)
+
+
+# Read once at import: reading the file inside a test would block its event loop.
+LINES = {
+    name: line_of(f"MARK:{name}", __file__) for name in ("broken", "fail_in_process", "fail_here")
+}
 
 
 # -- the basics ------------------------------------------------------------------------
@@ -212,7 +224,7 @@ async def test_exceptions_keep_their_traceback(anyio_backend: object) -> None:
         await loopguard.offload(broken)("lost key")
     assert info.value.args == ("lost key",)
     frames = traceback.extract_tb(info.value.__traceback__)
-    assert (frames[-1].name, frames[-1].lineno) == ("broken", line_of("MARK:broken", __file__))
+    assert (frames[-1].name, frames[-1].lineno) == ("broken", LINES["broken"])
     assert any(f.name == test_exceptions_keep_their_traceback.__name__ for f in frames)
 
 
@@ -308,11 +320,11 @@ async def test_process_mode_exception_carries_the_worker_traceback(anyio_backend
     remote = info.value.__cause__
     assert remote is not None
     assert "fail_in_process" in str(remote)
-    assert f"line {line_of('MARK:fail_in_process', __file__)}" in str(remote)
+    assert f"line {LINES['fail_in_process']}" in str(remote)
 
 
 async def test_process_mode_unpicklable_arguments_are_a_clear_error(anyio_backend: object) -> None:
-    with pytest.raises(pickle.PicklingError, match=r"argument 2 \(lock\) cannot be pickled"):
+    with pytest.raises(pickle.PicklingError, match=r"argument 2 \(\w*[Ll]ock\) cannot be pickled"):
         await _two_args(1, threading.Lock())
     with anyio.fail_after(60), pytest.raises(pickle.PicklingError, match=r"result \(lock\)"):
         await return_a_lock()
@@ -326,29 +338,32 @@ async def test_process_mode_cancellable_kills_the_worker(
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
             tg.start_soon(sleep_in_process, str(flag), 60.0)
-            while not flag.exists():
+            while not await anyio.Path(flag).exists():
                 await anyio.sleep(0.01)
             tg.cancel_scope.cancel()
     assert time.monotonic() - started < 30
 
 
-async def test_thread_pool_executor(anyio_backend: object) -> None:
+async def test_thread_pool_executor(
+    anyio_backend: object, pool: concurrent.futures.ThreadPoolExecutor
+) -> None:
     marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="-")
     marker.set("from the task")
 
     def body(x: int) -> tuple[int, str, str]:
         return x + 1, threading.current_thread().name, marker.get()
 
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pool") as pool:
-        value, thread, seen = await loopguard.offload(executor=pool)(body)(1)
-        assert (value, seen) == (2, "from the task")
-        assert thread.startswith("pool")
-        with pytest.raises(KeyError) as info:
-            await loopguard.offload(executor=pool)(fail_here)("missing")
+    value, thread, seen = await loopguard.offload(executor=pool)(body)(1)
+    assert (value, seen) == (2, "from the task")
+    assert thread.startswith("pool")
+    with pytest.raises(KeyError) as info:
+        await loopguard.offload(executor=pool)(fail_here)("missing")
     frames = traceback.extract_tb(info.value.__traceback__)
-    assert frames[-1].lineno == line_of("MARK:fail_here", __file__)
+    assert frames[-1].lineno == LINES["fail_here"]
 
 
+# ProcessPoolExecutor.submit() writes to its wake-up pipe from the calling thread.
+@pytest.mark.loopguard(blocking="off")
 async def test_process_pool_executor_with_a_decorated_function(anyio_backend: object) -> None:
     # The module attribute is the wrapper: the worker gets the function by reference.
     with anyio.fail_after(120):
@@ -357,7 +372,7 @@ async def test_process_pool_executor_with_a_decorated_function(anyio_backend: ob
     assert pid != os.getpid()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # lives only as long as its test: dask runs an event loop of its own
 def dask_executor() -> Iterator[concurrent.futures.Executor]:
     distributed = pytest.importorskip("distributed")
     with (
@@ -369,6 +384,7 @@ def dask_executor() -> Iterator[concurrent.futures.Executor]:
         yield client.get_executor()
 
 
+@pytest.mark.loopguard(enabled=False)  # dask runs its own event loop, with its own habits
 async def test_dask_distributed_executor(
     anyio_backend: object, dask_executor: concurrent.futures.Executor
 ) -> None:
@@ -524,32 +540,33 @@ ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", BACKENDS[:2], indirect=T
 
 @ASYNCIO_ONLY
 @pytest.mark.parametrize("mode", ["thread", "executor", "thread-limit"])
-async def test_native_asyncio_cancellation_also_waits(anyio_backend: object, mode: str) -> None:
+async def test_native_asyncio_cancellation_also_waits(
+    anyio_backend: object, mode: str, pool: concurrent.futures.ThreadPoolExecutor
+) -> None:
     # task.cancel() and wait_for() reach through anyio's shields: handled the same way.
     import asyncio
 
     gate = Gate()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        choices: dict[str, dict[str, Any]] = {
-            "thread": {},
-            "executor": {"executor": pool},
-            "thread-limit": {"limit": 1},
-        }
-        options = choices[mode]
-        call = loopguard.offload(**options)(gate.body)
-        threading.Timer(0.1, gate.release.set).start()
-        with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(call(), 0.02)
-        assert gate.finished.is_set()
+    choices: dict[str, dict[str, Any]] = {
+        "thread": {},
+        "executor": {"executor": pool},
+        "thread-limit": {"limit": 1},
+    }
+    options = choices[mode]
+    call = loopguard.offload(**options)(gate.body)
+    threading.Timer(0.1, gate.release.set).start()
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(call(), 0.02)
+    assert gate.finished.is_set()
 
-        gate = Gate()
-        task = asyncio.ensure_future(loopguard.offload(**options)(gate.body)())
-        await wait_event(gate.started)
-        task.cancel()
-        threading.Timer(0.05, gate.release.set).start()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert gate.finished.is_set()
+    gate = Gate()
+    task = asyncio.ensure_future(loopguard.offload(**options)(gate.body)())
+    await wait_event(gate.started)
+    task.cancel()
+    threading.Timer(0.05, gate.release.set).start()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert gate.finished.is_set()
 
 
 @ASYNCIO_ONLY
@@ -583,7 +600,7 @@ async def test_cancellable_releases_the_caller_at_once(anyio_backend: object) ->
         tg.cancel_scope.cancel()
     assert not gate.finished.is_set()
     gate.release.set()
-    assert gate.finished.wait(5)
+    await wait_event(gate.finished)
 
 
 async def test_cancellable_keeps_the_limit_slot_until_the_body_returns(
@@ -624,21 +641,22 @@ async def test_cancel_before_start_drops_the_call(anyio_backend: object, cancell
     assert not queued.started.is_set()
 
 
-async def test_executor_cancel_before_start_and_while_running(anyio_backend: object) -> None:
+async def test_executor_cancel_before_start_and_while_running(
+    anyio_backend: object, pool: concurrent.futures.ThreadPoolExecutor
+) -> None:
     running, queued = Gate(), Gate()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        run_first = loopguard.offload(executor=pool)(running.body)
-        run_second = loopguard.offload(executor=pool)(queued.body)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run_first)
-            await wait_event(running.started)
-            tg.start_soon(run_second)
-            await anyio.sleep(0.02)
-            tg.cancel_scope.cancel()
-            threading.Timer(0.05, running.release.set).start()
-        # The running call was seen through; the queued one never started.
-        assert running.finished.is_set()
-        assert not queued.started.is_set()
+    run_first = loopguard.offload(executor=pool)(running.body)
+    run_second = loopguard.offload(executor=pool)(queued.body)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_first)
+        await wait_event(running.started)
+        tg.start_soon(run_second)
+        await anyio.sleep(0.02)
+        tg.cancel_scope.cancel()
+        threading.Timer(0.05, running.release.set).start()
+    # The running call was seen through; the queued one never started.
+    assert running.finished.is_set()
+    assert not queued.started.is_set()
 
 
 # -- adaptive mode -----------------------------------------------------------------------
@@ -649,6 +667,7 @@ def _adaptive_body(seconds: float) -> int:
     return threading.get_ident()
 
 
+@pytest.mark.loopguard(blocking="off")  # runs blocking bodies inline on purpose
 async def test_adaptive_runs_fast_calls_inline_then_moves_out(anyio_backend: object) -> None:
     events: list[Event] = []
     loopguard.install(log=False, callback=events.append)
@@ -660,7 +679,7 @@ async def test_adaptive_runs_fast_calls_inline_then_moves_out(anyio_backend: obj
     assert await adaptive(0) != loop_thread  # ... the next ones are not
     assert await adaptive(0) != loop_thread
 
-    assert wait_until(lambda: any(isinstance(e, Offloaded) for e in events))
+    assert await wait_until(lambda: any(isinstance(e, Offloaded) for e in events))
     [event] = [e for e in events if isinstance(e, Offloaded)]
     assert event.function == f"{__name__}._adaptive_body"
     assert event.duration >= 0.05
@@ -674,6 +693,7 @@ async def test_adaptive_runs_fast_calls_inline_then_moves_out(anyio_backend: obj
     assert as_json["definition"]["function"] == "_adaptive_body"
 
 
+@pytest.mark.loopguard(blocking="off")  # runs blocking bodies inline on purpose
 async def test_adaptive_switch_is_logged_once(
     anyio_backend: object, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -689,6 +709,7 @@ async def test_adaptive_switch_is_logged_once(
     assert "a worker thread from now on" in record.getMessage()
 
 
+@pytest.mark.loopguard(blocking="off")  # runs blocking bodies inline on purpose
 async def test_adaptive_switch_logged_by_the_watchdog_sink_only(
     anyio_backend: object, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -696,11 +717,12 @@ async def test_adaptive_switch_logged_by_the_watchdog_sink_only(
     loopguard.install(log=True)
     adaptive = loopguard.offload(adaptive=0.01)(_adaptive_body)
     await adaptive(0.02)
-    assert wait_until(lambda: any("_adaptive_body" in r.getMessage() for r in caplog.records))
-    time.sleep(0.05)
+    assert await wait_until(lambda: any("_adaptive_body" in r.getMessage() for r in caplog.records))
+    await anyio.sleep(0.05)
     assert len([r for r in caplog.records if "_adaptive_body" in r.getMessage()]) == 1
 
 
+@pytest.mark.loopguard(blocking="off")  # runs blocking bodies inline on purpose
 async def test_adaptive_inline_exceptions_and_failed_reports(
     anyio_backend: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -728,6 +750,7 @@ async def test_adaptive_inline_exceptions_and_failed_reports(
 # -- the loop stays responsive -------------------------------------------------------------
 
 
+@pytest.mark.loopguard(enabled=False)  # its control phase blocks the loop on purpose
 async def test_loop_delay_stays_idle_while_offloaded_work_runs(anyio_backend: object) -> None:
     blocking = loopguard.offload(sleepy)
     await run_together(*[lambda: blocking(0)] * 4)  # start the worker threads first
@@ -776,6 +799,7 @@ class Ticker:
             await anyio.lowlevel.checkpoint()
 
 
+@pytest.mark.loopguard(enabled=False)  # its control loop starves the loop on purpose
 async def test_yielding_hands_control_back_when_the_budget_is_spent(anyio_backend: object) -> None:
     ticker = Ticker()
     async with anyio.create_task_group() as tg:
