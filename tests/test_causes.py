@@ -31,6 +31,9 @@ from loopguard import Frame, Stall
 from loopguard._causes import CpuSnapshot, _original_arm, diagnose, parse_dump
 from loopguard._sampling import StackFolder
 
+# These tests block event loops on purpose: the plugin must not fail them.
+pytestmark = pytest.mark.loopguard(enabled=False)
+
 THRESHOLD = 0.1
 INTERVAL = 0.02
 
@@ -56,7 +59,8 @@ async def _in_callback(fn: Any, *args: Any) -> None:
 
 
 async def _gil_hog() -> None:
-    worker = threading.Thread(target=hog_later, args=(0.1,), name="hog-worker")
+    # 24 characters: about 0.8 s, well past threshold + dump margin on a busy machine.
+    worker = threading.Thread(target=hog_later, args=(0.1, 24), name="hog-worker")
     worker.start()
     await asyncio.sleep(0.1)
     while worker.is_alive():
@@ -67,7 +71,7 @@ async def _gil_hog() -> None:
 KINDS = {
     "gil-releasing-c-call": (lambda: _in_callback(sleepy, 0.3), "blocked", {SLEEPY_LINE}),
     "pure-python": (lambda: _in_callback(spin, 0.3), "blocked", SPIN_LINES),
-    "c-holding-gil": (lambda: _in_callback(regex_hold), "c-held-gil", {REGEX_LINE}),
+    "c-holding-gil": (lambda: _in_callback(regex_hold, 24), "c-held-gil", {REGEX_LINE}),
     "gil-hog-thread": (_gil_hog, "gil", {HOG_LINE}),
 }
 

@@ -11,6 +11,9 @@ import pytest
 import loopguard
 from loopguard import Config
 
+# Tests here install their own watchdogs: the plugin's would double-watch.
+pytestmark = pytest.mark.loopguard(enabled=False)
+
 
 @pytest.mark.parametrize(
     ("options", "field"),
