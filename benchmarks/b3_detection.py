@@ -20,6 +20,8 @@ The ground truth of each stall is the injected call itself, timed with
 
 Tools (``--configs``; each in a fresh interpreter per run):
 
+Every loopguard configuration runs with ``gil_dump=True`` (the opt-in GIL-free dump).
+
 * ``loopguard``: ``loopguard.install(log=False)``: threshold 0.1 s, interval 0.02 s.
 * ``loopguard-fast``: ``install(threshold=0.015, interval=0.005)``.
 * ``loopguard-precise``: ``install(precise=True, slow_callback=0.015)``.
@@ -261,7 +263,8 @@ class Loopguard(Tool):
     def before_loop(self) -> None:
         import loopguard
 
-        loopguard.install(log=False, callback=self.on_event, **self.options)
+        # The published tables name C-held-GIL and GIL-hog lines: that needs the dump.
+        loopguard.install(log=False, gil_dump=True, callback=self.on_event, **self.options)
 
     def on_event(self, event: Any) -> None:
         now = time.perf_counter()

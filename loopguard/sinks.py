@@ -96,6 +96,10 @@ def _short(path: str) -> str:
 def _stack_lines(frames: tuple[Frame, ...], culprit: Frame | None, limit: int) -> list[str]:
     from ._sampling import PLUMBING, classify
 
+    # The blocking-call guard's own frames under a call it checked say nothing.
+    guard = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_blocking.py")
+    while len(frames) > 1 and os.path.abspath(frames[-1].file) == guard:
+        frames = frames[:-1]
     cut = frames.index(culprit) if culprit in frames else len(frames) - 1
     out: list[str] = []
     hidden = 0
@@ -154,7 +158,9 @@ class LoggingSink:
             own_str = type(event).__str__ is not Event.__str__
             self.logger.warning("%s", event if own_str else json.dumps(event.to_dict()))
             return
-        key = (event.culprit.file, event.culprit.line) if event.culprit else None
+        key: object = (event.culprit.file, event.culprit.line) if event.culprit else None
+        if key is None:  # no line: tell stalls apart by what is known about them
+            key = (event.cause, event.hog.thread if event.hog else None)
         now = time.monotonic()
         rate = self._seen.get(key)
         if rate is None or now - rate.since >= self.window:
