@@ -19,8 +19,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check loopguard integrations tests benchmarks noxfile.py
+	$(BIN)/ruff format --check loopguard integrations tests benchmarks noxfile.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -63,11 +63,14 @@ def test_registration_errors() -> None:
         loopguard.attribute("bad", "not a var")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="non-empty"):
         loopguard.attribute("", route)
-    names = [f"extra{i}" for i in range(MAX_ATTRIBUTES)]
+    room = MAX_ATTRIBUTES - 2  # the fixture registered two
+    names = [f"extra{i}" for i in range(room)]
     try:
+        for name in names:
+            loopguard.attribute(name, route)
         with pytest.raises(ValueError, match="at most"):
-            for name in names:
-                loopguard.attribute(name, route)
+            loopguard.attribute("one-too-many", route)
+        loopguard.attribute(names[0], trace)  # re-registering a name takes no room
     finally:
         for name in names:
             loopguard.unattribute(name)
