@@ -16,10 +16,12 @@ slot), loopguard does. The last row is the other side: a non-blocking ``send`` +
 ``recv`` made *on* a running loop (asyncio's own I/O), where both tools must check the
 call and let it through.
 
-Each child times every call in a tight loop (best of several repeats); rounds run the
-three configurations in a shuffled order, and the table shows the median over rounds
-of each configuration's time and of its difference with the unpatched run of the same
-round.
+Each child alternates its tool off and on a dozen times in short phases and times every
+call in each phase (best of a few short repeats). Load from other processes only ever
+adds time, so the figure kept for each state is its best over all phases, and the cost
+added is the difference of the two bests; the JSON also keeps the median over cycles of
+the paired differences. The table shows, per call, the median over rounds (fresh
+interpreters) of those figures.
 
 Standalone: ``python benchmarks/b_blocking.py [--quick]`` prints the table and writes
 ``benchmarks/results/blocking.json``; ``benchmarks/run.py --only blocking`` runs it
@@ -153,9 +155,9 @@ def _best_ns(fn: Callable[[], object], n: int, repeats: int) -> float:
 
 
 def _measure(scale: float, tmp: Path) -> dict[str, float]:
-    # Many short repeats, best kept: a busy machine only ever adds time.
-    n = max(500, int(5_000 * scale))
-    repeats = 15
+    # Short repeats, best kept: a busy machine only ever adds time.
+    n = max(200, int(2_000 * scale))
+    repeats = 5
     out: dict[str, float] = {}
     for name, fn in _workloads(tmp).items():
         if name.startswith("on the loop"):
@@ -170,28 +172,34 @@ def _measure(scale: float, tmp: Path) -> dict[str, float]:
     return out
 
 
-def child(config: str, scale: float, cycles: int = 4) -> None:
-    """Alternate ``config`` off and on in this process; print the best of each.
+def child(config: str, scale: float, cycles: int = 12) -> None:
+    """Alternate ``config`` off and on in this process, many times, in short phases.
 
-    Measuring both states in the same process, close together in time, keeps the
-    machine's drift out of their difference. Objects are made afresh in each state
-    (a lock made while the guard runs stays a guarded lock).
+    Each cycle measures both states close together in time; the figure kept per call
+    is the median over cycles of (on - off), so a neighbour's load that comes and goes
+    hits both sides of most pairs alike. Objects are made afresh in each state (a lock
+    made while the guard runs stays a guarded lock).
     """
     best_off: dict[str, float] = {}
     best_on: dict[str, float] = {}
+    diffs: dict[str, list[float]] = {}
     for cycle in range(cycles):
+        found: dict[str, dict[str, float]] = {}
         for state in ("off", "on") if cycle % 2 == 0 else ("on", "off"):
             deactivate = _activate(config) if state == "on" else (lambda: None)
             try:
                 with tempfile.TemporaryDirectory() as tmp:
-                    found = _measure(scale, Path(tmp))
+                    found[state] = _measure(scale, Path(tmp))
             finally:
                 deactivate()
-            best = best_on if state == "on" else best_off
-            for name, ns in found.items():
-                best[name] = min(best.get(name, float("inf")), ns)
+        for name in found["on"]:
+            on, off = found["on"][name], found["off"][name]
+            best_on[name] = min(best_on.get(name, float("inf")), on)
+            best_off[name] = min(best_off.get(name, float("inf")), off)
+            diffs.setdefault(name, []).append(on - off)
     metrics = {f"on:{k}": v for k, v in best_on.items()}
     metrics.update({f"off:{k}": v for k, v in best_off.items()})
+    metrics.update({f"diff:{k}": statistics.median(v) for k, v in diffs.items()})
     h.emit_result(metrics, {"config": config, "cycles": cycles})
 
 
@@ -237,6 +245,9 @@ def _report(configs: Sequence[str], samples: list[h.Sample], options: h.Options)
                 "ns_per_iteration": _median([s.metrics[f"on:{call}"] for s in mine]),
                 "added_ns_per_call": _median(
                     [(s.metrics[f"on:{call}"] - s.metrics[f"off:{call}"]) / patched for s in mine]
+                ),
+                "added_ns_per_call_paired_median": _median(
+                    [s.metrics[f"diff:{call}"] / patched for s in mine]
                 ),
                 "rounds": len(mine),
             }

@@ -42,6 +42,7 @@ def discover() -> dict[str, str]:
 
 
 BENCHMARKS = discover()
+BENCHMARKS["blocking"] = "b_blocking"  # blocking-call guard vs blockbuster (b_blocking.py)
 
 FULL = {"rounds": 10, "scale": 1.0, "reps": 3}
 QUICK = {"rounds": 3, "scale": 0.2, "reps": 3}

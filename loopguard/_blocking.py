@@ -28,6 +28,7 @@ import _thread
 import asyncio
 import collections
 import functools
+import linecache
 import logging
 import os
 import sys
@@ -64,7 +65,7 @@ _STRENGTH = {"record": 1, "warn": 2, "raise": 3}
 _grl = asyncio._get_running_loop
 _get_ident = _thread.get_ident
 _perf_counter = time.perf_counter
-_THIS_FILE = __file__
+_GLOBALS = globals()
 # loopguard modules that are applications, not instrumentation: their calls are checked.
 _APP_MODULES = frozenset({"loopguard._demo"})
 
@@ -99,6 +100,9 @@ class BlockingCallError(RuntimeError):
         return (type(self), (self.event,))
 
 
+BlockingCallError.__module__ = "loopguard"  # how tracebacks name it
+
+
 # -- allow rules ---------------------------------------------------------------------
 
 
@@ -115,8 +119,8 @@ class Allow:
         module: Dotted module name; submodules match too.
         function: Function name, or qualified name such as ``"Thread.start"``
             (``None``: any function of the module).
-        calls: Catalogue names (or prefixes such as ``"socket"``) the rule applies
-            to; empty: every call.
+        calls: Catalogue names the rule applies to, or prefixes (``"socket"``) or
+            last parts (``"open"``) of them; empty: every call.
         direct: Match only the frame that made the call, not its callers.
         reason: Why the rule exists, shown in the rule report.
     """
@@ -162,8 +166,15 @@ class Allow:
         return text + (" (direct caller)" if self.direct else "")
 
     def applies_to(self, call: str) -> bool:
-        """True when the rule covers the catalogue name ``call``."""
-        return not self.calls or any(call == c or call.startswith(c + ".") for c in self.calls)
+        """True when the rule covers the catalogue name ``call``.
+
+        A name in :attr:`calls` covers itself, the names it is a prefix of
+        (``"socket"``: every ``socket.*`` call) and the names it ends (``"open"``:
+        ``builtins.open`` and ``io.open``).
+        """
+        return not self.calls or any(
+            call == c or call.startswith(c + ".") or call.endswith("." + c) for c in self.calls
+        )
 
     def matches(self, module: str, qualname: str) -> bool:
         """True when a frame of ``module`` running ``qualname`` is covered."""
@@ -293,6 +304,7 @@ def _on_loop(
     entry: _Entry, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """The slow path: the calling thread may be running an event loop."""
+    __tracebackhide__ = True  # pytest: the failure is the caller's line, not ours
     probe = entry.probe
     if probe is not None:  # first: most calls asyncio makes itself end here
         try:
@@ -352,11 +364,12 @@ def _loop_kind() -> tuple[Any, str] | None:
 def _verdict(
     entry: _Entry, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
+    __tracebackhide__ = True
     found = _loop_kind()
     if found is None:
         return _RUN
     frame: FrameType | None = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename == _THIS_FILE:
+    while frame is not None and frame.f_globals is _GLOBALS:  # ours, generated ones too
         frame = frame.f_back
     if frame is None:
         return _RUN
@@ -512,6 +525,92 @@ def _shape(original: Callable[..., Any]) -> int | None:
     return len(params) if len(params) <= 2 else -1
 
 
+_MISSING_ARG: Any = object()
+
+
+def _mirror(entry: _Entry, original: Callable[..., Any]) -> Callable[..., Any] | None:
+    """A replacement with the very signature of ``original``, when it has a readable one.
+
+    Arguments left out keep a private default, so the common call (required arguments
+    only) is passed on as is: nothing is packed into ``*args`` or ``**kwargs``.
+    Functions with ``*args``/``**kwargs`` or without a signature get ``None``.
+    """
+    import inspect
+
+    kind = inspect.Parameter
+    try:
+        params = list(inspect.signature(original).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (kind.VAR_POSITIONAL, kind.VAR_KEYWORD) for p in params):
+        return None
+    if any(not p.name.isidentifier() or p.name.startswith("_") for p in params):
+        return None
+    names = [f"a{i}" if p.kind is kind.POSITIONAL_ONLY else p.name for i, p in enumerate(params)]
+    header: list[str] = []
+    for i, (p, name) in enumerate(zip(params, names, strict=True)):
+        previous = params[i - 1].kind if i else None
+        if previous is kind.POSITIONAL_ONLY and p.kind is not kind.POSITIONAL_ONLY:
+            header.append("/")
+        if p.kind is kind.KEYWORD_ONLY and previous is not kind.KEYWORD_ONLY:
+            header.append("*")
+        header.append(name if p.default is p.empty else f"{name}=_M")
+    if params and params[-1].kind is kind.POSITIONAL_ONLY:
+        header.append("/")
+    positional = [
+        n
+        for p, n in zip(params, names, strict=True)
+        if p.default is p.empty and p.kind is not kind.KEYWORD_ONLY
+    ]
+    keyword = [
+        n
+        for p, n in zip(params, names, strict=True)
+        if p.default is p.empty and p.kind is kind.KEYWORD_ONLY
+    ]
+    optional = [(p, n) for p, n in zip(params, names, strict=True) if p.default is not p.empty]
+    build = [
+        f"_a = [{', '.join(positional)}]",
+        "_k = {" + ", ".join(f"{n!r}: {n}" for n in keyword) + "}",
+    ]
+    for p, n in optional:
+        if p.kind is kind.POSITIONAL_ONLY:
+            build.append(f"if {n} is not _M: _a.append({n})")
+        else:
+            build.append(f"if {n} is not _M: _k[{n!r}] = {n}")
+    plain = ", ".join([*positional, *(f"{n}={n}" for n in keyword)])
+    skip = ""
+    if entry.probe is _p_socket and positional:
+        skip = f" or {positional[0]}.gettimeout() == 0.0"
+    body = [f"    def guarded({', '.join(header)}):"]
+    body.append(f"        if (_grl() is None and not _trio_threads){skip}:")
+    if optional:
+        body.append(f"            if {' and '.join(f'{n} is _M' for _, n in optional)}:")
+        body.append(f"                return _o({plain})")
+        body.extend(f"            {line}" for line in build)
+        body.append("            return _o(*_a, **_k)")
+    else:
+        body.append(f"            return _o({plain})")
+    body.append("        __tracebackhide__ = True")
+    body.extend(f"        {line}" for line in build)
+    body.append("        return _on_loop(_e, _o, tuple(_a), _k)")
+    body.append("    return guarded")
+    source = "def _make(_o, _e, _M):\n" + "\n".join(body)
+    scope: dict[str, Any] = {}
+    # A file name inside the package: stack readers count these frames as loopguard's,
+    # and linecache shows the generated source in tracebacks.
+    filename = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"<guard of {entry.name}>")
+    try:
+        code = compile(source, filename, "exec")
+        exec(code, globals(), scope)  # the source is built above from a signature
+    except SyntaxError:
+        return None
+    lines = [line + "\n" for line in source.splitlines()]
+    linecache.cache[filename] = (len(source), None, lines, filename)
+    guarded: Callable[..., Any] = scope["_make"](original, entry, _MISSING_ARG)
+    functools.update_wrapper(guarded, original, updated=())
+    return guarded
+
+
 def _guarded(entry: _Entry, original: Callable[..., Any]) -> Callable[..., Any]:
     """Return the replacement of ``original``: a plain function with a C-only fast path.
 
@@ -522,6 +621,9 @@ def _guarded(entry: _Entry, original: Callable[..., Any]) -> Callable[..., Any]:
     """
     on_loop = _on_loop
     grl = _grl
+    mirrored = _mirror(entry, original)
+    if mirrored is not None:
+        return mirrored
     shape = _shape(original) if entry.shape == _AUTO else entry.shape
     guarded: Callable[..., Any]
 
@@ -531,6 +633,7 @@ def _guarded(entry: _Entry, original: Callable[..., Any]) -> Callable[..., Any]:
         def guarded(*args: Any) -> Any:
             if (grl() is None and not _trio_threads) or args[0].gettimeout() == 0.0:
                 return original(*args)
+            __tracebackhide__ = True
             return on_loop(entry, original, args, {})
 
     elif entry.probe is _p_socket:
@@ -540,6 +643,7 @@ def _guarded(entry: _Entry, original: Callable[..., Any]) -> Callable[..., Any]:
                 if kwargs:
                     return original(*args, **kwargs)
                 return original(*args)
+            __tracebackhide__ = True
             return on_loop(entry, original, args, kwargs)
 
     elif shape == 0:
@@ -547,6 +651,7 @@ def _guarded(entry: _Entry, original: Callable[..., Any]) -> Callable[..., Any]:
         def guarded() -> Any:
             if grl() is None and not _trio_threads:
                 return original()
+            __tracebackhide__ = True
             return on_loop(entry, original, (), {})
 
     elif shape == 1:
@@ -554,6 +659,7 @@ def _guarded(entry: _Entry, original: Callable[..., Any]) -> Callable[..., Any]:
         def guarded(a: Any, /) -> Any:
             if grl() is None and not _trio_threads:
                 return original(a)
+            __tracebackhide__ = True
             return on_loop(entry, original, (a,), {})
 
     elif shape == 2:
@@ -561,6 +667,7 @@ def _guarded(entry: _Entry, original: Callable[..., Any]) -> Callable[..., Any]:
         def guarded(a: Any, b: Any, /) -> Any:
             if grl() is None and not _trio_threads:
                 return original(a, b)
+            __tracebackhide__ = True
             return on_loop(entry, original, (a, b), {})
 
     elif shape == -1:
@@ -568,6 +675,7 @@ def _guarded(entry: _Entry, original: Callable[..., Any]) -> Callable[..., Any]:
         def guarded(*args: Any) -> Any:
             if grl() is None and not _trio_threads:
                 return original(*args)
+            __tracebackhide__ = True
             return on_loop(entry, original, args, {})
 
     else:
@@ -577,6 +685,7 @@ def _guarded(entry: _Entry, original: Callable[..., Any]) -> Callable[..., Any]:
                 if kwargs:
                     return original(*args, **kwargs)
                 return original(*args)
+            __tracebackhide__ = True
             return on_loop(entry, original, args, kwargs)
 
     functools.update_wrapper(guarded, original, updated=())
@@ -742,14 +851,16 @@ class GuardedLock(metaclass=_LockMeta):
         """Acquire the lock, like ``threading.Lock.acquire``."""
         if _grl() is None and not _trio_threads:
             return self._acquire(blocking, timeout)
+        __tracebackhide__ = True
         return bool(_on_loop(_LOCK, self._acquire, (blocking, timeout), {}))
 
     def __enter__(self) -> bool:
         if _grl() is None and not _trio_threads:
             return self._acquire()
+        __tracebackhide__ = True
         return bool(_on_loop(_LOCK, self._acquire, (), {}))
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.release()
 
     def _at_fork_reinit(self) -> None:
@@ -768,11 +879,13 @@ class GuardedRLock(_thread.RLock):  # type: ignore[misc]
         """Acquire the lock, like ``threading.RLock.acquire``."""
         if _grl() is None and not _trio_threads:
             return _rlock_acquire(self, blocking, timeout)
+        __tracebackhide__ = True
         return bool(_on_loop(_RLOCK, _rlock_acquire.__get__(self), (blocking, timeout), {}))
 
     def __enter__(self, blocking: bool = True, timeout: float = -1) -> bool:
         if _grl() is None and not _trio_threads:
             return _rlock_acquire(self, blocking, timeout)
+        __tracebackhide__ = True
         return bool(_on_loop(_RLOCK, _rlock_acquire.__get__(self), (blocking, timeout), {}))
 
 
@@ -796,6 +909,7 @@ class _GuardedPoll:
     def poll(self, *args: Any) -> Any:
         if _grl() is None and not _trio_threads:
             return self._poll.poll(*args)
+        __tracebackhide__ = True
         return _on_loop(_POLL, self._poll.poll, args, {})
 
 
@@ -901,6 +1015,7 @@ def _make_sqlite_connect(original: Any) -> Any:
             _internal_error()
         if _grl() is None and not _trio_threads:
             return original(*args, **kwargs)
+        __tracebackhide__ = True
         return _on_loop(_SQLITE_CONNECT, original, args, kwargs)
 
     functools.update_wrapper(connect, original, updated=())
@@ -977,6 +1092,7 @@ def _make_pg_connect(original: Any) -> Any:
             _internal_error()
         if _grl() is None and not _trio_threads:
             return original(*args, **kwargs)
+        __tracebackhide__ = True
         return _on_loop(_PG_CONNECT, original, args, kwargs)
 
     functools.update_wrapper(connect, original, updated=())
@@ -1550,6 +1666,19 @@ class BlockingGuard:
             if reset:
                 self._hits = dict.fromkeys(self._hits, 0)
         return rows
+
+    def rules_report(self, *, defaults: bool = False) -> str:
+        """The rule report as text: which rules fired, how often, and which never did.
+
+        Args:
+            defaults: Also list loopguard's default rules.
+        """
+        return format_rules(self.rules(), defaults=defaults)
+
+    @staticmethod
+    def catalogue() -> tuple[CatalogueEntry, ...]:
+        """Every call the guard checks, in catalogue order."""
+        return catalogue()
 
     @property
     def scoped_rules(self) -> tuple[Allow, ...]:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import inspect
 import math
 import sys
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,8 +31,9 @@ import pytest
 
 from ._blocking import Allow, BlockingGuard, format_rules
 from ._config import Config
+from ._sampling import callback_frames, culprit_of
 from ._watchdog import Watchdog
-from .events import BlockingCall, Event, Stall
+from .events import BlockingCall, Event, Frame, StackSample, Stall
 from .sinks import CallbackSink, _where
 from .testing import LoopEvents, describe, settle
 
@@ -322,9 +324,7 @@ class LoopguardPlugin:
             self._stop_guard()
         else:
             guard = self._ensure_guard()
-            guard.mode = (
-                "record" if settings.owns_events or settings.blocking == "warn" else "raise"
-            )
+            guard.mode = "record" if settings.owns_events else settings.blocking  # type: ignore[assignment]
             guard.scoped_rules = settings.allow[len(self.defaults.allow) :]
         try:
             yield
@@ -397,22 +397,24 @@ class LoopguardPlugin:
         warned = [e for e in calls if e.action != "raise"]
         pending, self._pending = self._pending, []
         if warned:
-            text = describe(warned)
-            report.sections.append((_WARN_SECTION, text))
+            report.sections.append((_WARN_SECTION, describe(_trimmed(warned))))
         problems = [*failing_calls, *stalls]
         if not problems and not pending:
             return
-        where = {"setup": "in setup", "call": "", "teardown": "in teardown"}[call.when]
-        head = f"loopguard: the event loop was held {where}".rstrip() + " (threshold "
-        head += f"{settings.threshold * 1000:.0f} ms):"
-        parts = [head, describe(problems)] if problems else []
+        where = {"setup": " in setup", "call": "", "teardown": " in teardown"}[call.when]
+        head = f"loopguard: the event loop was blocked{where}"
+        if stalls:
+            head += f" (stall threshold {settings.threshold * 1000:.0f} ms)"
+        head += ":"
+        parts = [head, describe(_trimmed(problems))] if problems else []
         if pending:
             parts.extend(pending)
         text = "\n".join(p for p in parts if p)
-        report.sections.append((_SECTION, text))
         if report.passed and not hasattr(report, "wasxfail"):
             report.outcome = "failed"
             report.longrepr = text
+        else:  # failed already (BlockingCallError, most often): add why, next to it
+            report.sections.append((_SECTION, text))
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -490,6 +492,21 @@ class _Live(LoopEvents):
         return super().events
 
 
+def _trimmed(events: Sequence[Event]) -> list[Event]:
+    """Drop the frames above the loop (pytest, the test runner) from events' stacks."""
+    out: list[Event] = []
+    for event in events:
+        if isinstance(event, BlockingCall):
+            event = dataclasses.replace(event, stack=callback_frames(event.stack))
+        elif isinstance(event, Stall) and event.stacks:
+            event = dataclasses.replace(
+                event,
+                stacks=tuple(StackSample(s.count, callback_frames(s.frames)) for s in event.stacks),
+            )
+        out.append(event)
+    return out
+
+
 def _asyncio_tasks() -> set[asyncio.Task[Any]] | None:
     try:
         return asyncio.all_tasks()
@@ -501,25 +518,16 @@ def _describe_tasks(tasks: list[asyncio.Task[Any]]) -> str:
     lines = [f"loopguard: {len(tasks)} task(s) still pending when the test ended:"]
     for task in tasks[:20]:
         coro = task.get_coro()
-        code = getattr(coro, "cr_code", None)
-        frames = task.get_stack(limit=1)
-        if frames:
-            frame = frames[-1]
-            at = _where(_frame(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
-        elif code is not None:
-            at = _where(_frame(code.co_filename, code.co_firstlineno, code.co_name))
-        else:
-            at = repr(coro)
-        lines.append(f"  task {task.get_name()!r}: {at}")
+        name = getattr(coro, "__qualname__", type(coro).__name__)
+        stack = tuple(
+            Frame(f.f_code.co_filename, f.f_lineno or 0, f.f_code.co_name) for f in task.get_stack()
+        )
+        at = culprit_of(stack)
+        where = f", suspended at {_where(at)}" if at is not None else ""
+        lines.append(f"  task {task.get_name()!r} running {name}(){where}")
     if len(tasks) > 20:
         lines.append(f"  ... {len(tasks) - 20} more")
     return "\n".join(lines)
-
-
-def _frame(file: str, line: int, function: str) -> Any:
-    from .events import Frame
-
-    return Frame(file, line, function)
 
 
 @contextlib.contextmanager

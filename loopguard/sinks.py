@@ -97,8 +97,15 @@ def _stack_lines(frames: tuple[Frame, ...], culprit: Frame | None, limit: int) -
     from ._sampling import PLUMBING, classify
 
     # The blocking-call guard's own frames under a call it checked say nothing.
-    guard = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_blocking.py")
-    while len(frames) > 1 and os.path.abspath(frames[-1].file) == guard:
+    here = os.path.dirname(os.path.abspath(__file__))
+    while (
+        len(frames) > 1
+        and os.path.dirname(os.path.abspath(frames[-1].file)) == here
+        and (
+            os.path.basename(frames[-1].file) in ("_blocking.py", "_patch.py")
+            or os.path.basename(frames[-1].file).startswith("<guard of ")
+        )
+    ):
         frames = frames[:-1]
     cut = frames.index(culprit) if culprit in frames else len(frames) - 1
     out: list[str] = []

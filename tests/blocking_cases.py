@@ -213,9 +213,13 @@ class Servers:
     def close(self) -> None:
         self.http.shutdown()
         self.http.server_close()
-        self.echo.close()
-        if self._tls_server is not None:
-            self._tls_server.close()
+        for server in (self.echo, self._tls_server):
+            if server is not None:
+                with contextlib.suppress(OSError):
+                    server.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+                server.close()
+        for t in self._threads:
+            t.join(timeout=5)
 
 
 # -- time, builtins ----------------------------------------------------------------------

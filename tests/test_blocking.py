@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import queue
+import re
 import select
 import socket
 import subprocess
@@ -494,6 +495,9 @@ def test_allow_matching_by_qualname_and_prefix() -> None:
     assert Allow("pkg", "load").matches("pkg", "Repo.load")
     assert Allow("a", calls=("socket",)).applies_to("socket.socket.recv")
     assert not Allow("a", calls=("socket",)).applies_to("socketserver.x")
+    assert Allow("a", calls=("open",)).applies_to("builtins.open")
+    assert Allow("a", calls=("open",)).applies_to("io.open")
+    assert not Allow("a", calls=("open",)).applies_to("os.open_x")
 
 
 def test_defaults_are_documented_rules() -> None:
@@ -706,3 +710,31 @@ def test_isinstance_threading_lock_still_works() -> None:
         guarded = threading.Lock()
         assert isinstance(guarded, threading.Lock)
         assert isinstance(plain, threading.Lock)
+
+
+def test_reference_page_names_every_catalogue_entry() -> None:
+    page = Path(__file__).parents[1] / "docs" / "reference" / "blocking.md"
+    lines = page.read_text(encoding="utf-8").splitlines()
+
+    rows = [line.split("|")[1] for line in lines if line.startswith("| `")]
+    names = [entry.name for entry in BlockingGuard.catalogue()]
+    roots = {n.split(".")[0] for n in names}
+
+    def named_in(row: str) -> set[str]:
+        # Full names, and names relative to the last full one before them:
+        # "`socket.socket.recv`, `recv_into`", "`concurrent.futures.Future.result`,
+        # `Future.exception`".
+        out: set[str] = set()
+        last = ""
+        for token in re.findall(r"`([^`]+)`", row):
+            if token.split(".")[0] in roots and "." in token:
+                last = token
+                out.add(token)
+                continue
+            parts = last.split(".")
+            out.update(".".join([*parts[:i], token]) for i in range(1, len(parts)))
+        return out
+
+    documented = set().union(*(named_in(row) for row in rows))
+    assert len(names) > 100
+    assert [n for n in names if n not in documented] == []
