@@ -1754,3 +1754,21 @@ class BlockingGuard:
 def running_guards() -> tuple[BlockingGuard, ...]:
     """The guards running now (for tests and diagnostics)."""
     return _guards
+
+
+def _after_fork_in_child() -> None:
+    # Only the forking thread exists in the child: locks another thread held at fork
+    # time would never be released, and other threads' trio runs are gone.
+    global _lifecycle, _trio_lock, _reporter
+    _lifecycle = threading.RLock()
+    _trio_lock = _thread.allocate_lock()
+    me = _get_ident()
+    for ident in [i for i in _trio_threads if i != me]:
+        _trio_threads.pop(ident, None)
+    _reporter = _Reporter()
+    for guard in _guards:
+        guard._lock = _thread.allocate_lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

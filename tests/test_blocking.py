@@ -738,3 +738,25 @@ def test_reference_page_names_every_catalogue_entry() -> None:
     documented = set().union(*(named_in(row) for row in rows))
     assert len(names) > 100
     assert [n for n in names if n not in documented] == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_forked_child_keeps_guarding() -> None:
+    with BlockingGuard("record") as guard:
+        on_loop(lambda: time.sleep(0.001))
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what its own loop's blocking call gave
+            try:
+                guard.clear()
+                on_loop(lambda: os.stat(HERE))
+                os.write(w, ",".join(functions(guard)).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as fh:
+            seen = fh.read().decode()
+        os.waitpid(pid, 0)
+    assert seen == "os.stat"
+    assert functions(guard) == ["time.sleep"]
