@@ -308,7 +308,9 @@ def diagnose(
         loop_stack = dump[loop_ident]
     elif loop_cpu is not None:
         # No stack at all (no dump): the CPU clocks still tell the two GIL causes apart.
-        if loop_cpu >= 0.5:
+        # On a machine short of cores the loop thread may get well under one CPU while
+        # it holds the GIL, so "busiest thread of the process" counts as well.
+        if loop_cpu >= 0.5 or (busiest == loop_ident and loop_cpu >= 0.1):
             return Diagnosis("c-held-gil", None, (), None, loop_cpu)
         if busiest is not None and busiest != loop_ident:
             label = (after.names.get(busiest) if after else None) or hex(busiest)

@@ -651,7 +651,11 @@ class Watchdog:
         found = diagnose(
             loop_ident=watch.thread_id,
             duration=duration,
-            folder=ongoing.folder if ongoing is not None else None,
+            # Samples taken after the sampler was starved for most of the stall show
+            # where the loop went next, not what held it: then trust the dump.
+            folder=ongoing.folder
+            if ongoing is not None and (dump is None or ongoing.folder.total > ongoing.starved)
+            else None,
             before=before,
             after=after,
             dump=dump,

@@ -217,11 +217,13 @@ def test_stopped_loop_that_was_joined_while_running_is_not_a_stall() -> None:
     try:
         task = loop.create_task(main())
         loop.run_forever()
+        stopped = time.time()
         assert task.done()
         wd = loopguard.current()
         assert wd is not None
         time.sleep(0.4)
-        assert wd.stalls == []
+        # Nothing is reported for the time the stopped loop did not tick.
+        assert [s for s in wd.stalls if s.started_at + s.duration > stopped] == []
     finally:
         loop.close()
 
