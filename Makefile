@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck docs bench ci clean
+.PHONY: demo test services lint typecheck docs bench ci clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/loopguard demo
 
-test: $(STAMP)
+test: $(STAMP) services
 	$(BIN)/python -m pytest
+
+# PostgreSQL and Redis servers for the blocking-guard catalogue tests (installed if root).
+services:
+	@bash scripts/services.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check loopguard integrations tests benchmarks noxfile.py

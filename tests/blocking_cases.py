@@ -28,28 +28,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import services
+
 Call = Callable[[], object]
 Prepare = Callable[["Ctx"], Call]
 
 CASES: dict[str, Prepare] = {}
-# Entries that need a service this machine does not have.
-UNTESTABLE = {
-    **{f"psycopg2.connection.{m}": "needs a PostgreSQL server" for m in ("commit", "rollback")},
-    **{
-        f"psycopg2.cursor.{m}": "needs a PostgreSQL server"
-        for m in (
-            "execute",
-            "executemany",
-            "callproc",
-            "fetchone",
-            "fetchmany",
-            "fetchall",
-            "copy_from",
-            "copy_to",
-            "copy_expert",
-        )
-    },
-}
 # Third-party modules an entry needs (skipped when missing).
 NEEDS = {
     "requests.": "requests",
@@ -66,7 +50,8 @@ _names = itertools.count()
 class Ctx:
     """Resources for one case; closed by :meth:`close`."""
 
-    def __init__(self, tmp: Path, servers: Servers) -> None:
+    def __init__(self, tmp: Path, servers: Servers, name: str) -> None:
+        self.name = name  # the entry being made
         self.tmp = tmp
         self.servers = servers
         self._cleanups: list[Callable[[], object]] = []
@@ -126,9 +111,14 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 
 
 class Servers:
-    """A TCP echo server, an HTTP server and (if openssl is there) a TLS echo server."""
+    """A TCP echo server, an HTTP server, (if openssl is there) a TLS echo server, and
+    real PostgreSQL and Redis servers, started on first use."""
 
     def __init__(self, tmp: Path) -> None:
+        self._tmp = tmp
+        self._services = contextlib.ExitStack()
+        self._pg: str | None = None
+        self._redis: int | None = None
         self.http = _QuietServer(("127.0.0.1", 0), _Quiet)
         self._threads = [threading.Thread(target=self.http.serve_forever, daemon=True)]
         self.echo = socket.create_server(("127.0.0.1", 0))
@@ -216,7 +206,20 @@ class Servers:
             )
         )
 
+    def postgres(self) -> str:
+        """The DSN of a PostgreSQL server (skips or fails the test where there is none)."""
+        if self._pg is None:
+            self._pg = self._services.enter_context(services.postgres())
+        return self._pg
+
+    def redis(self) -> int:
+        """The port of a Redis server (skips or fails the test where there is none)."""
+        if self._redis is None:
+            self._redis = self._services.enter_context(services.redis(self._tmp))
+        return self._redis
+
     def close(self) -> None:
+        self._services.close()
         self.http.shutdown()
         self.http.server_close()
         for server in (self.echo, self._tls_server):
@@ -1035,68 +1038,121 @@ def _httpx(ctx: Ctx) -> Call:
     return lambda: client.get(ctx.servers.url)
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _redis_client() -> Any:
+def _redis_client(ctx: Ctx) -> Any:
     import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
 
-    return redis.Redis(port=_closed_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    client = redis.Redis(port=ctx.servers.redis(), socket_timeout=5)
+    client.ping()  # connected here, off the loop: the case's call is the only one
+    ctx.later(client.close)
+    return client
 
 
 @case("redis.Redis.execute_command")
 def _redis(ctx: Ctx) -> Call:
-    import redis
-
-    client = _redis_client()
-
-    def call() -> object:
-        with contextlib.suppress(redis.ConnectionError):
-            client.ping()
-        return None
-
-    return call
+    client = _redis_client(ctx)
+    return lambda: client.set("loopguard", "1")
 
 
 @case("redis.Pipeline.execute")
 def _redis_pipeline(ctx: Ctx) -> Call:
-    import redis
-
-    client = _redis_client()
+    client = _redis_client(ctx)
 
     def call() -> object:
-        with contextlib.suppress(redis.ConnectionError):
-            pipe = client.pipeline()
-            pipe.ping()
-            pipe.execute()
-        return None
+        pipe = client.pipeline()
+        pipe.incr("loopguard:n")  # queued, not sent
+        pipe.get("loopguard:n")
+        return pipe.execute()
 
     return call
+
+
+def _pg(ctx: Ctx) -> Any:
+    import psycopg2
+
+    conn = psycopg2.connect(ctx.servers.postgres())
+    ctx.later(conn.close)
+    return conn
+
+
+def _pg_table(ctx: Ctx) -> tuple[Any, str]:
+    """A connection (made while the guard runs, so guarded) and a fresh table of 3 rows."""
+    conn = _pg(ctx)
+    table = f"t{next(_names)}"
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE TABLE {table} (n int, word text)")
+        cur.execute(f"INSERT INTO {table} VALUES (1, 'one'), (2, 'two'), (3, 'three')")
+    conn.commit()
+    return conn, table
 
 
 @case("psycopg2.connect")
 def _psycopg2(ctx: Ctx) -> Call:
-    import psycopg2
-
-    dsn = f"host=127.0.0.1 port={_closed_port()} connect_timeout=1"
+    dsn = ctx.servers.postgres()
 
     def call() -> object:
-        with contextlib.suppress(psycopg2.OperationalError):
-            psycopg2.connect(dsn)
-        return None
+        import psycopg2
+
+        conn = psycopg2.connect(dsn)
+        ctx.later(conn.close)
+        return conn
 
     return call
+
+
+@case("psycopg2.connection.commit", "psycopg2.connection.rollback")
+def _pg_transaction(ctx: Ctx) -> Call:
+    conn, table = _pg_table(ctx)
+    with conn.cursor() as cur:
+        cur.execute(f"DELETE FROM {table}")  # opens a transaction for the call to end
+    end: Call = conn.commit if ctx.name.endswith("commit") else conn.rollback
+    return end
+
+
+@case("psycopg2.cursor.execute")
+def _pg_execute(ctx: Ctx) -> Call:
+    cur = _pg(ctx).cursor()
+    return lambda: cur.execute("SELECT pg_sleep(0.01)")
+
+
+@case("psycopg2.cursor.executemany")
+def _pg_executemany(ctx: Ctx) -> Call:
+    conn, table = _pg_table(ctx)
+    cur = conn.cursor()
+    return lambda: cur.executemany(f"INSERT INTO {table} VALUES (%s, %s)", [(4, "a"), (5, "b")])
+
+
+@case("psycopg2.cursor.callproc")
+def _pg_callproc(ctx: Ctx) -> Call:
+    cur = _pg(ctx).cursor()
+    return lambda: cur.callproc("pg_sleep", (0.01,))
+
+
+@case("psycopg2.cursor.fetchone", "psycopg2.cursor.fetchmany", "psycopg2.cursor.fetchall")
+def _pg_fetch(ctx: Ctx) -> Call:
+    # A named (server-side) cursor: each fetch is a round trip to the server.
+    conn, table = _pg_table(ctx)
+    cur = conn.cursor(name=f"c{next(_names)}")
+    cur.execute(f"SELECT n, word FROM {table} ORDER BY n")
+    fetch: Call = getattr(cur, ctx.name.rsplit(".", 1)[1])
+    return fetch
+
+
+@case("psycopg2.cursor.copy_from", "psycopg2.cursor.copy_to", "psycopg2.cursor.copy_expert")
+def _pg_copy(ctx: Ctx) -> Call:
+    conn, table = _pg_table(ctx)
+    cur = conn.cursor()
+    method = ctx.name.rsplit(".", 1)[1]
+    if method == "copy_from":
+        return lambda: cur.copy_from(io.StringIO("7\tseven\n"), table)
+    if method == "copy_to":
+        return lambda: cur.copy_to(io.StringIO(), table)
+    return lambda: cur.copy_expert(f"COPY {table} TO STDOUT", io.StringIO())
 
 
 @contextlib.contextmanager
 def prepared(name: str, tmp: Path, servers: Servers) -> Iterator[Call]:
     """Prepare the case for ``name``; skip (by raising ``_Skip``) when it cannot run."""
-    ctx = Ctx(tmp, servers)
+    ctx = Ctx(tmp, servers, name)
     try:
         yield CASES[name](ctx)
     finally:

@@ -1,0 +1,132 @@
+"""Throwaway PostgreSQL and Redis servers for the tests, each in its own temp directory.
+
+``make test`` installs the servers (Debian's ``postgresql`` and ``redis-server``) when
+it can. Where a server cannot be found the tests that need it are skipped, unless
+``LOOPGUARD_REQUIRE_SERVICES=1`` (set by CI), which turns the skip into a failure so
+a missing install step cannot hide behind a green run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def missing(what: str) -> None:
+    """Skip the test, or fail it where CI says the service must be there."""
+    if os.environ.get("LOOPGUARD_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{what} (LOOPGUARD_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(what)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port} within 30 s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    # Debian keeps the server binaries off PATH, one directory per major version.
+    for path in sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True):
+        return path
+    return None
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[str]:
+    """Run a PostgreSQL server on a free loopback port; yield its DSN."""
+    initdb, server = _pg_bin("initdb"), _pg_bin("postgres")
+    if initdb is None or server is None:
+        missing("needs a PostgreSQL server (initdb and postgres not found)")
+    assert initdb is not None and server is not None
+    # Its own directory outside pytest's (which only root may enter).
+    with tempfile.TemporaryDirectory(prefix="loopguard-pg-") as where:
+        yield from _postgres(Path(where), initdb, server)
+
+
+def _postgres(tmp: Path, initdb: str, server: str) -> Iterator[str]:
+    data, log = tmp / "pgdata", tmp / "postgres.log"
+    # PostgreSQL refuses to run as root: where we are root, run it as the postgres user.
+    user: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            missing("needs a 'postgres' user to run PostgreSQL as (we are root)")
+        user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+        os.chown(tmp, pw.pw_uid, pw.pw_gid)
+    subprocess.run(
+        [initdb, "-D", str(data), "-A", "trust", "-U", "loopguard", "--no-sync"],
+        check=True,
+        capture_output=True,
+        **user,
+    )
+    port = _free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [server, "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(tmp)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            **user,
+        )
+    try:
+        _wait_for_port(port, proc, "postgres", log)
+        yield f"host=127.0.0.1 port={port} user=loopguard dbname=postgres connect_timeout=5"
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def redis(tmp: Path) -> Iterator[int]:
+    """Run a Redis server on a free loopback port; yield the port."""
+    server = shutil.which("redis-server")
+    if server is None:
+        missing("needs a Redis server (redis-server not found)")
+    assert server is not None
+    port, log = _free_port(), tmp / "redis.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for_port(port, proc, "redis-server", log)
+        yield port
+    finally:
+        _stop(proc)
