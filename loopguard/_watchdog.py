@@ -652,9 +652,10 @@ class Watchdog:
             loop_ident=watch.thread_id,
             duration=duration,
             # Samples taken after the sampler was starved for most of the stall show
-            # where the loop went next, not what held it: then trust the dump.
+            # where the loop went next, not what held it: then trust the dump, or
+            # without one the CPU clocks.
             folder=ongoing.folder
-            if ongoing is not None and (dump is None or ongoing.folder.total > ongoing.starved)
+            if ongoing is not None and ongoing.folder.total > ongoing.starved
             else None,
             before=before,
             after=after,

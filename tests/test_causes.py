@@ -184,7 +184,9 @@ def test_steps_aside_while_someone_else_uses_the_faulthandler_timer() -> None:
         finally:
             faulthandler.cancel_dump_traceback_later()
         # No dump of ours: the cause comes from CPU clocks alone, the line is not guessed.
-        assert [(s.cause, s.culprit) for s in stalls] == [("c-held-gil", None)]
+        assert [(s.cause, s.culprit) for s in stalls] == [("c-held-gil", None)], [
+            (s.duration, s.loop_cpu, s.hog, threading.enumerate()) for s in stalls
+        ]
         theirs.seek(0)
         assert theirs.read() == b""  # their timer was never fired or replaced by ours
         run("asyncio", lambda: _in_callback(regex_hold))  # after they cancel: back in service
