@@ -19,6 +19,7 @@ machine description); what to measure belongs to each ``bNN_*.py`` module.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -40,6 +41,7 @@ __all__ = [
     "Ratio",
     "Report",
     "Sample",
+    "SpeedGate",
     "Variant",
     "emit_result",
     "interference",
@@ -51,7 +53,7 @@ __all__ = [
     "parse_result",
     "run_child",
     "run_rounds",
-    "wait_until_quiet",
+    "until_quiet",
     "samples_as_json",
     "write_json",
 ]
@@ -75,7 +77,7 @@ class Options:
     quick: bool = False
     scale: float = 1.0
     reps: int = 1  # repetitions inside each child; the child reports their median
-    wait_quiet: float = 0.0  # seconds to wait, before each child, for a quiet machine
+    wait_quiet: float = 0.0  # max seconds to wait for a quiet machine before each process
     seed: int = 0
     configs: tuple[str, ...] = ()  # empty: the benchmark's default set
     out_dir: Path | None = None  # where the JSON goes; None: do not write
@@ -115,6 +117,7 @@ class Sample:
     info: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)  # one entry per failed attempt
     foreign_share: float | None = None  # other processes' CPU share while it ran
+    gate: dict[str, float] | None = None  # SpeedGate: seconds waited, slowdown at start
 
 
 @dataclass(frozen=True)
@@ -140,9 +143,23 @@ class Report:
 # -- child side --------------------------------------------------------------------
 
 
-def emit_result(metrics: Mapping[str, float], info: Mapping[str, Any] | None = None) -> None:
-    """Print the child's single result line (call once, at the end of the child)."""
-    payload = {"metrics": dict(metrics), "info": dict(info or {})}
+def emit_result(
+    metrics: Mapping[str, float],
+    info: Mapping[str, Any] | None = None,
+    foreign_share: float | None = None,
+) -> None:
+    """Print the child's single result line (call once, at the end of the child).
+
+    Args:
+        metrics: The numbers ratios are taken of.
+        info: Anything else worth keeping in the JSON.
+        foreign_share: Other processes' share of the CPUs during the timed part, if
+            the child measured it (:class:`CpuMeter`); else the parent's measurement
+            around the whole child is used.
+    """
+    payload: dict[str, Any] = {"metrics": dict(metrics), "info": dict(info or {})}
+    if foreign_share is not None:
+        payload["foreign_share"] = foreign_share
     sys.stdout.write(RESULT_PREFIX + json.dumps(payload, sort_keys=True) + "\n")
     sys.stdout.flush()
 
@@ -175,22 +192,71 @@ def _describe_exit(returncode: int) -> str:
     return f"exit status {returncode}"
 
 
-def wait_until_quiet(max_wait: float, threshold: float = 0.1, window: float = 0.5) -> float:
-    """Wait (up to ``max_wait`` s) until other processes use < ``threshold`` of the CPUs.
+class SpeedGate:
+    """Holds a run back while the machine computes slower than it can.
+
+    On a shared or virtual machine the CPU's speed can drop for seconds at a time
+    (a neighbour on the host), and nothing inside the guest shows it. The gate times
+    a fixed pure-Python loop; it lets a run start once that loop is within
+    ``tolerance`` of the fastest time seen so far (and other processes of this
+    machine use less than ``threshold`` of the CPUs), or when the budget is spent.
+    """
+
+    def __init__(self, tolerance: float = 0.05, threshold: float = 0.1) -> None:
+        self.tolerance = tolerance
+        self.threshold = threshold
+        self.best = float("inf")
+
+    @staticmethod
+    def probe() -> float:
+        """Seconds for a fixed CPU-bound loop (best of three, about 10 ms each)."""
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            x = 0
+            for i in range(200_000):
+                x += i & 7
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def wait(self, budget: float) -> tuple[float, float]:
+        """Wait up to ``budget`` s for a fast, quiet machine.
+
+        Returns:
+            (seconds waited, slowdown: last probe / fastest probe).
+        """
+        started = time.monotonic()
+        meter = CpuMeter()
+        while True:
+            took = self.probe()
+            self.best = min(self.best, took)
+            lap = meter.lap()
+            quiet = lap is None or lap["foreign_share"] < self.threshold
+            waited = time.monotonic() - started
+            if (took <= self.best * (1 + self.tolerance) and quiet) or waited >= budget:
+                return waited, took / self.best
+            time.sleep(0.25)
+
+
+async def until_quiet(budget: float, threshold: float = 0.1, window: float = 0.1) -> float:
+    """In a running loop: wait (up to ``budget`` s) for the machine to be quiet.
+
+    Polls in ``window``-second steps, with the loop idle, until other processes use
+    less than ``threshold`` of the CPUs over one step.
 
     Returns:
         The seconds waited.
     """
     started = time.monotonic()
     meter = CpuMeter()
-    if not meter.available or max_wait <= 0:
+    if not meter.available or budget <= 0:
         return 0.0
-    while True:
-        time.sleep(window)
+    while time.monotonic() - started < budget:
+        await asyncio.sleep(window)
         lap = meter.lap()
-        waited = time.monotonic() - started
-        if lap is None or lap["foreign_share"] < threshold or waited >= max_wait:
-            return waited
+        if lap is None or lap["foreign_share"] < threshold:
+            break
+    return time.monotonic() - started
 
 
 def run_child(
@@ -199,6 +265,7 @@ def run_child(
     *,
     retries: int = 2,
     wait_quiet: float = 0.0,
+    gate: SpeedGate | None = None,
 ) -> Sample:
     """Run one variant in a fresh interpreter; retry a crashed child up to ``retries`` times.
 
@@ -207,12 +274,14 @@ def run_child(
         round_no: Recorded in the sample.
         retries: Extra attempts if the child fails.
         wait_quiet: Before each attempt, wait up to this many seconds for the machine
-            to be quiet (see :func:`wait_until_quiet`).
+            to be fast and quiet (see :class:`SpeedGate`).
+        gate: The gate to wait at (keeps the fastest speed seen across calls).
     """
     sample = Sample(key=variant.key, round=round_no, ok=False)
     for _attempt in range(retries + 1):
         if wait_quiet > 0:
-            wait_until_quiet(wait_quiet)
+            waited, slowdown = (gate or SpeedGate()).wait(wait_quiet)
+            sample.gate = {"waited": round(waited, 3), "slowdown": round(slowdown, 4)}
         meter = CpuMeter()
         try:
             proc = subprocess.run(
@@ -235,9 +304,24 @@ def run_child(
         sample.metrics = {k: float(v) for k, v in payload["metrics"].items()}
         sample.info = payload["info"]
         lap = meter.lap()
-        sample.foreign_share = lap["foreign_share"] if lap is not None else None
+        if payload.get("foreign_share") is not None:
+            sample.foreign_share = float(payload["foreign_share"])
+        elif lap is not None:
+            sample.foreign_share = lap["foreign_share"]
         break
     return sample
+
+
+# CpuMeter also runs inside measured children, next to tools that patch ``os`` (a
+# blockbuster raises on ``os.stat`` or ``os.read`` in a running loop): it keeps the
+# functions as they were when this module was imported.
+_os_open, _os_read, _os_close = os.open, os.read, os.close
+_PROC_STAT = "/proc/stat"
+_HAS_PROC_STAT = os.path.exists(_PROC_STAT) and hasattr(os, "sysconf")
+try:
+    import resource
+except ImportError:  # not on Windows
+    _HAS_PROC_STAT = False
 
 
 class CpuMeter:
@@ -249,17 +333,19 @@ class CpuMeter:
     """
 
     def __init__(self) -> None:
-        self.available = Path("/proc/stat").exists() and hasattr(os, "sysconf")
+        self.available = _HAS_PROC_STAT
         self._tick = os.sysconf("SC_CLK_TCK") if self.available else 100
         self._start = self._read()
 
     def _read(self) -> tuple[float, float, float, float] | None:
         if not self.available:
             return None
-        import resource
-
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        ticks = [int(x) for x in fields]
+        fd = _os_open(_PROC_STAT, os.O_RDONLY)
+        try:
+            head = _os_read(fd, 4096).split(b"\n", 1)[0]
+        finally:
+            _os_close(fd)
+        ticks = [int(x) for x in head.split()[1:]]
         # user nice system idle iowait irq softirq steal ...
         busy = sum(ticks[i] for i in (0, 1, 2, 5, 6) if i < len(ticks)) / self._tick
         steal = (ticks[7] if len(ticks) > 7 else 0) / self._tick
@@ -309,11 +395,12 @@ def run_rounds(
     samples: list[Sample] = []
     started = time.monotonic()
     meter = CpuMeter()
+    gate = SpeedGate()
     for round_no in range(rounds):
         order = [v for v in variants if v.max_rounds is None or round_no < v.max_rounds]
         random.Random(f"{seed}:{round_no}").shuffle(order)
         for variant in order:
-            sample = run_child(variant, round_no, retries=retries, wait_quiet=wait_quiet)
+            sample = run_child(variant, round_no, retries=retries, wait_quiet=wait_quiet, gate=gate)
             samples.append(sample)
             if log is not None and sample.failures:
                 log(f"  {variant.key}: {len(sample.failures)} failed attempt(s): {sample.failures}")

@@ -20,10 +20,14 @@ Configurations (each on asyncio and on uvloop):
   idle thread, and that thread plus a 20 ms timer re-armed on the loop: the bare
   mechanism of any heartbeat-and-watcher-thread detector.
 
-More configurations (``--configs``) vary loopguard's knobs: ``loopguard-i50``
-(interval 0.05 s), ``loopguard-t1`` (threshold 1 s, so the sampler wakes about once
-a second), ``loopguard-nodump`` (``gil_dump=False``: no faulthandler timer armed
-at each sampler wake), ``timer`` (the 20 ms timer without a thread). Every configuration also
+loopguard's modes, also in the default set: ``loopguard-precise`` (``precise=True``:
+every callback timed), ``loopguard-stats`` (``stats=True``: loop statistics),
+``loopguard-otel`` and ``loopguard-otel-stats`` (the same with an OpenTelemetry SDK
+``MeterProvider`` configured first, so the metrics are really aggregated), and
+``loopguard-dump`` (``gil_dump=True``: a faulthandler timer armed at each sampler
+wake). More configurations (``--configs``): ``loopguard-i50`` (interval 0.05 s),
+``loopguard-t1`` (threshold 1 s, so the sampler wakes about once a second),
+``timer`` (the 20 ms timer without a thread). Every configuration also
 exists as ``app+<name>``: the same, in a process that already has what a typical
 server has, an idle worker thread of the default executor and a pending far-off
 timer (a keep-alive, say); those are compared with ``app+vanilla``.
@@ -64,6 +68,8 @@ TASKS = 2_000
 STEPS = 50
 HOPS = 200_000
 PROBE_SECONDS = 0.2
+QUIET = 0.10  # a run is quiet if other processes used at most this share of the CPUs
+MIN_QUIET_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,25 @@ CONFIGS: dict[str, ConfigSpec] = {
     ),
     "loopguard": ConfigSpec(
         "loopguard (default)", "`install(log=False)`: threshold 0.1 s, interval 0.02 s"
+    ),
+    "loopguard-precise": ConfigSpec(
+        "loopguard precise",
+        "`install(log=False, precise=True)`: every callback timed (asyncio); "
+        "uvloop falls back to the watchdog",
+    ),
+    "loopguard-stats": ConfigSpec(
+        "loopguard stats", "`install(log=False, stats=True)`: loop statistics on"
+    ),
+    "loopguard-otel": ConfigSpec(
+        "loopguard + OTel SDK",
+        "default install, with an SDK `MeterProvider` (in-memory reader) set first",
+    ),
+    "loopguard-otel-stats": ConfigSpec(
+        "loopguard stats + OTel SDK", "`stats=True`, with an SDK `MeterProvider` set first"
+    ),
+    "loopguard-dump": ConfigSpec(
+        "loopguard gil_dump=True",
+        "`install(log=False, gil_dump=True)`: faulthandler timer armed at each sampler wake",
     ),
     "asyncio-debug": ConfigSpec(
         "asyncio debug mode", "`loop.set_debug(True)`, slow_callback_duration 0.1 s", slow=True
@@ -106,15 +131,17 @@ CONFIGS: dict[str, ConfigSpec] = {
     "loopguard-t1": ConfigSpec(
         "loopguard threshold=1", "`install(log=False, threshold=1.0)`: sampler wakes ~1/s"
     ),
-    "loopguard-nodump": ConfigSpec(
-        "loopguard gil_dump=False", "`install(log=False, gil_dump=False)`: no faulthandler timer"
-    ),
     "timer": ConfigSpec("ref: 20 ms timer", "no tool; the heartbeat timer without a thread"),
 }
 DEFAULT_CONFIGS = (
     "vanilla",
     "vanilla-again",
     "loopguard",
+    "loopguard-precise",
+    "loopguard-stats",
+    "loopguard-otel",
+    "loopguard-otel-stats",
+    "loopguard-dump",
     "asyncio-debug",
     "aiodebug",
     "pyleak",
@@ -176,27 +203,48 @@ class Tool:
 
 
 class Loopguard(Tool):
-    def __init__(
-        self, threshold: float = 0.1, interval: float | None = None, gil_dump: bool = True
-    ) -> None:
-        self.threshold = threshold
-        self.interval = interval
-        self.gil_dump = gil_dump
+    def __init__(self, otel: bool = False, **options: Any) -> None:
+        self.options = options  # passed to install() as they are
+        self.otel = otel
+        self.reader: Any = None
         self.wd: Any = None
 
     def before_loop(self) -> None:
         import loopguard
 
-        if self.gil_dump:  # the default; not passed, so older versions work too
-            self.wd = loopguard.install(self.threshold, self.interval, log=False)
-        else:
-            self.wd = loopguard.install(self.threshold, self.interval, log=False, gil_dump=False)
+        if self.otel:
+            # A real SDK pipeline, as an application configures it before loopguard
+            # records anything: its instruments then record into SDK aggregations.
+            from opentelemetry import metrics
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+            self.reader = InMemoryMetricReader()
+            metrics.set_meter_provider(MeterProvider(metric_readers=[self.reader]))
+        self.wd = loopguard.install(log=False, **self.options)
 
     def detections(self) -> int:
         return len(self.wd.stalls)
 
     def info(self) -> dict[str, Any]:
-        return {"heartbeats": self.wd.delay().count, "interval": self.wd.config.interval}
+        facts: dict[str, Any] = {
+            "heartbeats": self.wd.delay().count,
+            "interval": self.wd.config.interval,
+            "options": self.options,
+        }
+        # Diagnostic only (private, may vanish): GIL-free stack dumps read so far.
+        dump = getattr(sys.modules.get("loopguard._watchdog"), "_DUMP", None)
+        if dump is not None and isinstance(getattr(dump, "seq", None), int):
+            facts["gil_dumps"] = dump.seq
+        if self.reader is not None:  # proof the SDK pipeline really received data
+            data = self.reader.get_metrics_data()
+            facts["otel_metrics"] = sorted(
+                m.name
+                for rm in (data.resource_metrics if data else ())
+                for sm in rm.scope_metrics
+                for m in sm.metrics
+            )
+        return facts
 
 
 class _SlowLogCounter(logging.Handler):
@@ -292,9 +340,13 @@ TOOLS: dict[str, Callable[[], Tool]] = {
     "blockbuster": Blockbuster,
     "idle-thread": IdleThread,
     "idle-thread+timer": lambda: IdleThread(timer=True),
+    "loopguard-precise": lambda: Loopguard(precise=True),
+    "loopguard-stats": lambda: Loopguard(stats=True),
+    "loopguard-otel": lambda: Loopguard(otel=True),
+    "loopguard-otel-stats": lambda: Loopguard(otel=True, stats=True),
+    "loopguard-dump": lambda: Loopguard(gil_dump=True),
     "loopguard-i50": lambda: Loopguard(interval=0.05),
     "loopguard-t1": lambda: Loopguard(threshold=1.0),
-    "loopguard-nodump": lambda: Loopguard(gil_dump=False),
     "timer": lambda: IdleThread(thread=False, timer=True),
 }
 
@@ -354,36 +406,47 @@ def _block_loop(seconds: float) -> str | None:
     return None
 
 
-async def _measure(tool: Tool, scale: float, reps: int) -> dict[str, Any]:
+async def _measure(tool: Tool, scale: float, reps: int, wait_quiet: float) -> dict[str, Any]:
     steps = max(1, round(STEPS * scale))
     hops = max(1, round(HOPS * scale))
-    runs: list[tuple[float, float, float]] = []
+    runs: list[tuple[float, float, float, float | None]] = []
+    deadline = time.monotonic() + wait_quiet
     async with contextlib.AsyncExitStack() as stack:
         await tool.enter(stack)
         await workload(TASKS // 10, max(1, steps // 5), max(1, hops // 20))  # warm-up
         before = tool.detections()
         for _ in range(reps):
+            await h.until_quiet(deadline - time.monotonic(), QUIET)
             gc.collect()
+            meter = h.CpuMeter()
             wall0, cpu0, own0 = time.perf_counter(), time.process_time(), time.thread_time()
             await workload(TASKS, steps, hops)
             wall1, cpu1, own1 = time.perf_counter(), time.process_time(), time.thread_time()
-            runs.append((wall1 - wall0, cpu1 - cpu0, own1 - own0))
+            lap = meter.lap()
+            foreign = lap["foreign_share"] if lap is not None else None
+            runs.append((wall1 - wall0, cpu1 - cpu0, own1 - own0, foreign))
         during = tool.detections() - before
         threads = threading.active_count()
         raised = _block_loop(PROBE_SECONDS)
         await asyncio.sleep(0.1)  # let threaded detectors report the probe
         seen = tool.detections() - before - during
+    # Keep the runs during which other processes left the CPUs alone, if any were.
+    quiet = [r for r in runs if r[3] is not None and r[3] <= QUIET]
+    kept = quiet or runs
+    shares = [r[3] for r in kept if r[3] is not None]
     return {
         "metrics": {
-            "wall": statistics.median(r[0] for r in runs),
-            "cpu": statistics.median(r[1] for r in runs),
-            "loop_thread_cpu": statistics.median(r[2] for r in runs),
-            "wall_min": min(r[0] for r in runs),
-            "cpu_min": min(r[1] for r in runs),
+            "wall": statistics.median(r[0] for r in kept),
+            "cpu": statistics.median(r[1] for r in kept),
+            "loop_thread_cpu": statistics.median(r[2] for r in kept),
+            "wall_min": min(r[0] for r in kept),
+            "cpu_min": min(r[1] for r in kept),
         },
+        "foreign_share": max(shares) if shares else None,
         "info": {
             "workload": {"tasks": TASKS, "steps": steps, "hops": hops},
             "reps": [list(r) for r in runs],
+            "quiet_reps": len(quiet),
             "detections_during_workload": during,
             "probe_seen": seen > 0 or raised is not None,
             "probe_raised": raised,
@@ -401,6 +464,7 @@ def child_main(argv: Sequence[str]) -> int:
     parser.add_argument("--config", choices=sorted(TOOLS), required=True)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--wait-quiet", type=float, default=0.0)
     args = parser.parse_args(argv)
     tool = TOOLS[args.config]()
     if args.loop == "uvloop":
@@ -410,11 +474,15 @@ def child_main(argv: Sequence[str]) -> int:
     asyncio.set_event_loop(loop)
     tool.on_loop(loop)
     try:
-        result = loop.run_until_complete(_measure(tool, args.scale, args.reps))
+        result = loop.run_until_complete(_measure(tool, args.scale, args.reps, args.wait_quiet))
     finally:
         asyncio.set_event_loop(None)
         loop.close()
-    h.emit_result(result["metrics"], {"loop_type": type(loop).__module__, **result["info"]})
+    h.emit_result(
+        result["metrics"],
+        {"loop_type": type(loop).__module__, **result["info"]},
+        foreign_share=result["foreign_share"],
+    )
     return 0
 
 
@@ -442,6 +510,7 @@ def variants(opts: h.Options) -> list[h.Variant]:
                 f"--config={config}",
                 f"--scale={opts.scale:g}",
                 f"--reps={1 if CONFIGS[config].slow else opts.reps}",
+                f"--wait-quiet={0 if CONFIGS[config].slow else opts.wait_quiet:g}",
             ),
             group=loop,
             max_rounds=slow_rounds if CONFIGS[config].slow else None,
@@ -462,10 +531,6 @@ def _ratio_cell(ratio: h.Ratio | None) -> str:
     if ratio.n == 1:
         return f"{ratio.median:.3f}x"
     return f"{ratio.median:.3f}x ({ratio.q1:.3f}-{ratio.q3:.3f})"
-
-
-QUIET = 0.10  # a run is quiet if other processes used at most this share of the CPUs
-MIN_QUIET_ROUNDS = 3
 
 
 def _summaries(

@@ -73,8 +73,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="before each process, wait up to SECONDS for other processes to use < 10%% "
-        "of the CPUs (default 0: do not wait)",
+        help="before each process (and, in B1, each timed run) wait up to SECONDS for a "
+        "quiet machine: other processes under 10%% of the CPUs, CPU at its best speed "
+        "(default 0: do not wait)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-round shuffles")
     parser.add_argument(
