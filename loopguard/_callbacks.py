@@ -18,6 +18,7 @@ import collections
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .events import Frame, SlowCallback
@@ -44,50 +45,67 @@ class PreciseTimer:
         self.slow = float("inf")
         self.limit = float("inf")
         self._installed: Any = None
+        self._set_slow: Callable[[float], None] = lambda _: None
 
     def add(self, owner: object, slow: float, threshold: float) -> None:
         """Start timing for a watchdog (installs the hook for the first one)."""
         with self._lock:
             self._users[id(owner)] = (slow, threshold)
             self._recompute()
-            if self._installed is None:
-                self._install()
 
     def remove(self, owner: object) -> None:
         """Stop timing for a watchdog (removes the hook after the last one)."""
         with self._lock:
             self._users.pop(id(owner), None)
             self._recompute()
-            if not self._users and self._installed is not None:
+
+    def _recompute(self) -> None:
+        """Derive the limits from the users; install or remove the hook.
+
+        The hook goes in for the first user and comes out after the last, and only
+        if it is still ours: a later patch of someone else stays.
+        """
+        if self._users:
+            self.slow = min(s for s, _ in self._users.values())
+            self.limit = max(t for _, t in self._users.values())
+            if self._installed is None:
+                self._install()
+            self._set_slow(self.slow)
+        else:
+            self.slow = self.limit = float("inf")
+            if self._installed is not None:
                 if _HANDLE.__dict__.get("_run") is self._installed:
                     _HANDLE._run = _ORIGINAL_RUN  # type: ignore[method-assign]
                 self._installed = None
 
-    def _recompute(self) -> None:
-        if self._users:
-            self.slow = min(s for s, _ in self._users.values())
-            self.limit = max(t for _, t in self._users.values())
-        else:
-            self.slow = self.limit = float("inf")
-
     def _install(self) -> None:
-        timer = self
         notes = self.notes
-        original = _ORIGINAL_RUN
+        slow = self.slow  # a closure variable: the cheapest read in the hot path
         perf = _perf
 
-        def _run(handle: asyncio.Handle) -> None:
+        def set_slow(value: float) -> None:
+            nonlocal slow
+            slow = value
+
+        # Hot path: one call per callback. asyncio's own body is inlined (it is one
+        # line), so the only additions are two clock reads and a comparison; an
+        # exception goes to asyncio's own handler, as it would without loopguard.
+        def _run(self: asyncio.Handle) -> None:
             started = perf()
-            original(handle)
+            try:
+                self._context.run(self._callback, *self._args)  # type: ignore[attr-defined]
+            except BaseException as exc:
+                _report(self, exc)  # re-raises SystemExit and KeyboardInterrupt
             took = perf() - started
-            if took >= timer.slow:
+            if took >= slow:
                 with contextlib.suppress(Exception):  # never raise into the loop
-                    notes.append((time.monotonic(), took, describe(handle, took)))
+                    notes.append((time.monotonic(), took, describe(self, took)))
 
         _run.__qualname__ = "Handle._run"
-        _run.__doc__ = original.__doc__
-        _HANDLE._run = _run  # type: ignore[method-assign,assignment]
+        _run.__doc__ = _ORIGINAL_RUN.__doc__
+        _HANDLE._run = _run  # type: ignore[method-assign]
         self._installed = _run
+        self._set_slow = set_slow
 
     def drain(self) -> list[tuple[float, SlowCallback]]:
         """Take every noted slow callback with its end time (called by sampler threads)."""
@@ -98,6 +116,33 @@ class PreciseTimer:
             except IndexError:
                 return out
             out.append((ended, event))
+
+
+class _Raise:
+    """Stands in for a handle's context for one call: raises what the callback raised."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def run(self, *_: object) -> None:
+        raise self.exc
+
+
+def _report(handle: asyncio.Handle, exc: BaseException) -> None:
+    """Let asyncio's own ``Handle._run`` report a callback's exception, unchanged.
+
+    Its handler formats the callback, builds the context (with this very handle) and
+    calls the loop's exception handler; it re-raises ``SystemExit`` and
+    ``KeyboardInterrupt``. It only needs ``_context.run`` to raise the exception.
+    """
+    context = handle._context  # type: ignore[attr-defined]
+    handle._context = _Raise(exc)  # type: ignore[attr-defined]
+    try:
+        _ORIGINAL_RUN(handle)
+    finally:
+        handle._context = context  # type: ignore[attr-defined]
 
 
 def describe(handle: asyncio.Handle, took: float) -> SlowCallback:

@@ -63,14 +63,12 @@ class LoopStats:
         self.loop = loop
         self.kind = kind
         self.thread = thread
-        self.active = 0.0
-        self.idle = 0.0
-        self.iterations = 0
-        self.max_iteration = 0.0
-        self._last_return = _perf()
-        self._read: dict[str, tuple[float, float, int, float]] = {}
+        self._read: dict[str, tuple[float, float, int]] = {}
+        self._retired = (0.0, 0.0)
         self._selector: Any = None
         self._wrapper: Any = None
+        # (reset longest?) -> (active, idle, iterations, longest iteration's work)
+        self._totals: Any = None
         self.trio_stats: Any = None  # latest trio.lowlevel.current_statistics()
         self.timed = False
 
@@ -80,23 +78,34 @@ class LoopStats:
         select = getattr(selector, "select", None)
         if self.kind != "asyncio" or select is None:
             return
+        perf = _perf
+        # Closure variables, not attributes: this runs once per loop iteration.
+        active = idle = longest = 0.0
+        iterations = 0
+        left = perf()
 
         def timed_select(timeout: float | None = None) -> Any:
-            entered = _perf()
-            work = entered - self._last_return
-            self.active += work
-            if work > self.max_iteration:
-                self.max_iteration = work
-            try:
-                return select(timeout)
-            finally:
-                left = _perf()
-                self.idle += left - entered
-                self.iterations += 1
-                self._last_return = left
+            nonlocal active, idle, longest, iterations, left
+            entered = perf()
+            work = entered - left
+            active += work
+            if work > longest:
+                longest = work
+            events = select(timeout)  # if it raises, the loop stops anyway
+            left = perf()
+            idle += left - entered
+            iterations += 1
+            return events
+
+        def totals(reset_longest: bool) -> tuple[float, float, int, float]:
+            nonlocal longest
+            out = (active, idle, iterations, longest)
+            if reset_longest:
+                longest = 0.0
+            return out
 
         selector.select = timed_select
-        self._selector, self._wrapper = selector, timed_select
+        self._selector, self._wrapper, self._totals = selector, timed_select, totals
         self.timed = True
 
     def stop(self) -> None:
@@ -105,6 +114,19 @@ class LoopStats:
         if selector is not None and vars(selector).get("select") is self._wrapper:
             del selector.select
         self._wrapper = None
+
+    def totals(self) -> tuple[float, float]:
+        """Seconds active and idle since timing began, less what :meth:`retire` took."""
+        if not self.timed:
+            return 0.0, 0.0
+        active, idle, _, _ = self._totals(False)
+        return active - self._retired[0], idle - self._retired[1]
+
+    def retire(self) -> tuple[float, float]:
+        """Return :meth:`totals` and count them as taken (a loop that ended)."""
+        active, idle = self.totals()
+        self._retired = (self._retired[0] + active, self._retired[1] + idle)
+        return active, idle
 
     def snapshot(self, reader: str) -> LoopStatsSnapshot:
         """Return the statistics since this reader's previous snapshot.
@@ -115,14 +137,12 @@ class LoopStats:
         active = idle = utilization = max_iteration = None
         iterations = None
         if self.timed:
-            a, i, n = self.active, self.idle, self.iterations
-            pa, pi, pn, _ = self._read.get(reader, (0.0, 0.0, 0, 0.0))
-            self._read[reader] = (a, i, n, 0.0)
+            # The longest iteration's work: since the previous "api" read (which resets it).
+            a, i, n, max_iteration = self._totals(reader == "api")
+            pa, pi, pn = self._read.get(reader, (0.0, 0.0, 0))
+            self._read[reader] = (a, i, n)
             active, idle, iterations = a - pa, i - pi, n - pn
             utilization = active / (active + idle) if active + idle > 0 else 0.0
-            max_iteration = self.max_iteration
-            if reader == "api":
-                self.max_iteration = 0.0
         return LoopStatsSnapshot(
             loop=self.kind,
             thread=self.thread,

@@ -706,9 +706,9 @@ def _live_stats() -> list[LoopStats]:
 
 
 def _retire_stats(stats: LoopStats) -> None:
-    _retired_time["active"] += stats.active
-    _retired_time["idle"] += stats.idle
-    stats.active = stats.idle = 0.0
+    active, idle = stats.retire()
+    _retired_time["active"] += active
+    _retired_time["idle"] += idle
 
 
 _Reading = list[tuple[float, dict[str, str] | None]]
@@ -722,9 +722,9 @@ def _observe_utilization() -> _Reading:
 
 
 def _observe_time() -> _Reading:
-    live = _live_stats()
-    active = _retired_time["active"] + sum(s.active for s in live)
-    idle = _retired_time["idle"] + sum(s.idle for s in live)
+    live = [s.totals() for s in _live_stats()]
+    active = _retired_time["active"] + sum(a for a, _ in live)
+    idle = _retired_time["idle"] + sum(i for _, i in live)
     return [(active, {"state": "active"}), (idle, {"state": "idle"})]
 
 

@@ -146,3 +146,64 @@ def test_callbacks_near_the_threshold_are_reported_once() -> None:
         asyncio.run(main())
     reported = [e for e in wd.events if isinstance(e, (Stall, SlowCallback))]
     assert len(reported) == 5, reported  # each callback once: as a stall or as slow
+
+
+def _exception_contexts(precise: bool) -> list[dict[str, object]]:
+    seen: list[dict[str, object]] = []
+
+    def boom(n: int) -> None:
+        raise ValueError(f"boom {n}")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: seen.append(context))
+        loop.call_soon(boom, 1)
+        await asyncio.sleep(0.01)
+
+    with loopguard.watch(precise=precise, log=False):
+        asyncio.run(main())
+    return seen
+
+
+def test_a_raising_callback_is_reported_by_asyncio_exactly_as_without_precise_mode() -> None:
+    plain, precise = _exception_contexts(False), _exception_contexts(True)
+    assert len(plain) == len(precise) == 1
+    assert precise[0]["message"] == plain[0]["message"]
+    assert str(precise[0]["message"]).startswith("Exception in callback ")
+    assert "boom" in str(precise[0]["message"])
+    exc = precise[0]["exception"]
+    assert isinstance(exc, ValueError) and str(exc) == "boom 1"
+    assert isinstance(precise[0]["handle"], asyncio.Handle)  # the very handle, not a stand-in
+    assert precise[0]["handle"]._callback.__name__ == "boom"  # type: ignore[attr-defined]
+
+
+def test_keyboard_interrupt_in_a_callback_still_stops_the_loop() -> None:
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    async def main() -> None:
+        asyncio.get_running_loop().call_soon(interrupt)
+        await asyncio.sleep(1)
+
+    with loopguard.watch(precise=True, log=False), pytest.raises(KeyboardInterrupt):
+        asyncio.run(main())
+
+
+def test_the_slow_limit_follows_the_precise_watchdogs_running() -> None:
+    async def main() -> None:
+        asyncio.get_running_loop().call_soon(sleepy, 0.05)
+        await asyncio.sleep(0.1)
+
+    def slow_events(*wds: loopguard.Watchdog) -> list[SlowCallback]:
+        time.sleep(0.3)
+        return [e for wd in wds for e in wd.events if isinstance(e, SlowCallback)]
+
+    with loopguard.watch(threshold=0.5, precise=True, slow_callback=0.2, log=False) as coarse:
+        asyncio.run(main())
+        assert slow_events(coarse) == []
+        with loopguard.watch(threshold=0.5, precise=True, slow_callback=0.02, log=False) as fine:
+            asyncio.run(main())
+            assert len(slow_events(coarse, fine)) == 1  # the finer limit applies
+        asyncio.run(main())  # the finer watchdog stopped: back to 0.2 s
+        assert len(slow_events(coarse, fine)) == 1
+    assert asyncio.events.Handle.__dict__["_run"] is ORIGINAL_RUN
