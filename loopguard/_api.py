@@ -67,8 +67,8 @@ def install(
             ``SlowCallback`` events. uvloop and trio: noted once, watchdog only.
         slow_callback: Precise mode's report threshold (default ``threshold/2``).
         gil_dump: Name the line of C code that holds the GIL through
-            faulthandler's GIL-free traceback dump. Off by default: it can crash a
-            process that is paused and resumed (see :class:`~loopguard.Config`).
+            faulthandler's GIL-free traceback dump. Off by default, a debugging
+            aid: it can crash the process (see :class:`~loopguard.Config`).
         blocking: Blocking-call guard for calls made on loop threads: ``"warn"``
             (log each with its stack and duration), ``"raise"`` (refuse it with
             ``BlockingCallError``), ``"record"`` (event only) or ``"off"``.
@@ -169,8 +169,8 @@ def watch(
         precise: Time every callback (see :func:`install`).
         slow_callback: Precise mode's report threshold (default ``threshold/2``).
         gil_dump: Name the line of C code that holds the GIL through
-            faulthandler's GIL-free traceback dump. Off by default: it can crash a
-            process that is paused and resumed (see :class:`~loopguard.Config`).
+            faulthandler's GIL-free traceback dump. Off by default, a debugging
+            aid: it can crash the process (see :class:`~loopguard.Config`).
         **unknown: Any other :class:`~loopguard.Config` option (``blocking``,
             ``blocking_allow``...); a name that is not one raises ``ValueError``.
 

@@ -48,9 +48,10 @@ class Config:
             through faulthandler's traceback dump, which needs no GIL. Off by
             default: the dump reads other threads' frames unlocked, which is safe
             while they wait for the GIL but can crash the process if it fires while
-            they run Python, as after a pause of the whole process (SIGSTOP, a
-            debugger, cgroup CPU throttling). Without it, CPU clocks still give the
-            cause and the hog thread, without the line.
+            they run Python: on a busy asyncio loop that keeps the sampler from the
+            GIL, and after a pause of the whole process (SIGSTOP, a debugger, cgroup
+            CPU throttling). A debugging aid, never for production. Without it,
+            CPU clocks still give the cause and the hog thread, without the line.
         blocking: Blocking-call guard: ``"off"``, ``"warn"`` (log and report each
             blocking call made on a loop thread), ``"raise"`` (refuse it with
             ``BlockingCallError``) or ``"record"`` (report without logging).

@@ -291,6 +291,7 @@ class Watchdog:
                 _observe_stats(True)
             if self.config.gil_dump:
                 _DUMP.start()
+                _warn_gil_dump()
             _all_watchdogs.add(self)
         if self.config.blocking != "off" and self.blocking_guard is None:
             self.blocking_guard = BlockingGuard(
@@ -689,6 +690,22 @@ class Watchdog:
             watch.ongoing = None
         if self.running and self._watches:
             self._ensure_thread()
+
+
+_gil_dump_warned = False
+
+
+def _warn_gil_dump() -> None:
+    """Say once per process that the GIL-free dump is a debugging aid that can crash."""
+    global _gil_dump_warned
+    if not _gil_dump_warned:
+        _gil_dump_warned = True
+        logger.warning(
+            "loopguard: gil_dump is on; the GIL-free traceback dump can crash this process "
+            "(SIGSEGV) if it fires while another thread runs Python, e.g. a busy asyncio "
+            "loop starving the sampler or a paused process. Use it to diagnose a "
+            "reproduced stall, not in production."
+        )
 
 
 # -- loop statistics as metrics ---------------------------------------------------------

@@ -102,8 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--gil-dump",
         action="store_true",
-        help="name the line of C code holding the GIL via a GIL-free traceback dump "
-        "(can crash a process paused by SIGSTOP or cgroup throttling; use in dev/CI)",
+        help="name the line of C code holding the GIL via a GIL-free traceback dump; "
+        "a debugging aid that can crash the process (busy asyncio loops, SIGSTOP, "
+        "cgroup throttling): never in production",
     )
     run.add_argument(
         "--stats",

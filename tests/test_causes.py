@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import json
+import logging
 import subprocess
 import sys
 import tempfile
@@ -284,3 +285,21 @@ def test_a_foreign_timer_seen_by_an_earlier_watchdog_does_not_disable_later_ones
         stalls = collect(wd)
     assert [s.cause for s in stalls] == ["c-held-gil"]
     assert stalls[0].culprit is not None
+
+
+def test_gil_dump_warns_once_per_process(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import loopguard._watchdog as watchdog_module
+
+    monkeypatch.setattr(watchdog_module, "_gil_dump_warned", False)
+    with caplog.at_level(logging.WARNING, logger="loopguard"):
+        with loopguard.watch(log=False):
+            pass
+        assert caplog.records == []  # not without the dump
+        for _ in range(2):
+            with loopguard.watch(gil_dump=True, log=False):
+                pass
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "gil_dump" in warnings[0] and "crash" in warnings[0]
