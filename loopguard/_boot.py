@@ -41,6 +41,16 @@ def boot() -> Watchdog | None:
     return wd
 
 
+_MAX_ROWS = 20
+
+
+def _capped(rows: list[str], noun: str) -> list[str]:
+    """The first rows of a summary table, and how many more there were."""
+    if len(rows) <= _MAX_ROWS:
+        return rows
+    return [*rows[:_MAX_ROWS], f"  ... {len(rows) - _MAX_ROWS} more {noun}"]
+
+
 def _print_summary(wd: Watchdog) -> None:
     # Stop first: a stall that ended just before exit is reported and counted.
     wd.stop()
@@ -58,8 +68,9 @@ def format_summary(wd: Watchdog) -> str:
         wd: The watchdog whose stalls and loop delay to summarise.
 
     Returns:
-        A multi-line string: stalls grouped by culprit (count, total, max) and loop
-        delay percentiles.
+        A multi-line string: stalls grouped by culprit (count, total, max), blocking
+        calls grouped by call and culprit line (when the guard reported any) and
+        loop delay percentiles.
     """
     rows = wd.summary.rows()
     count = sum(r.count for r in rows)
@@ -67,11 +78,26 @@ def format_summary(wd: Watchdog) -> str:
     lines = [f"loopguard summary (pid {os.getpid()}): {count} stall(s), {total:.2f} s stalled"]
     if rows:
         lines.append(f"  {'count':>5}  {'total':>8}  {'max':>8}  culprit")
-        for r in rows[:20]:
-            where = _where(r.culprit) if r.culprit else "(not sampled / other)"
-            lines.append(f"  {r.count:>5}  {r.total:>7.3f}s  {r.max:>7.3f}s  {where}")
-        if len(rows) > 20:
-            lines.append(f"  ... {len(rows) - 20} more culprits")
+        lines += _capped(
+            [
+                f"  {r.count:>5}  {r.total:>7.3f}s  {r.max:>7.3f}s  "
+                + (_where(r.culprit) if r.culprit else "(not sampled / other)")
+                for r in rows
+            ],
+            "culprits",
+        )
+    calls = wd.summary.call_rows()
+    if calls:
+        lines.append(f"  {sum(c.count for c in calls)} blocking call(s) on the loop thread")
+        lines.append(f"  {'count':>5}  {'total':>8}  call, culprit")
+        lines += _capped(
+            [
+                f"  {c.count:>5}  {c.total:>7.3f}s  {c.function}, "
+                + (_where(c.culprit) if c.culprit else "(unknown)")
+                for c in calls
+            ],
+            "call sites",
+        )
     delay = wd.delay()
     if delay.count:
         lines.append(

@@ -10,9 +10,9 @@ import math
 import threading
 from dataclasses import dataclass
 
-from .events import Frame, Stall
+from .events import BlockingCall, Frame, Stall
 
-__all__ = ["CulpritStats", "DelayHistogram", "StallSummary"]
+__all__ = ["CallSiteStats", "CulpritStats", "DelayHistogram", "StallSummary"]
 
 _STEPS_PER_OCTAVE = 4
 _MIN = 1e-5  # 10 µs: anything below lands in the first bucket
@@ -79,21 +79,37 @@ class CulpritStats:
     max: float = 0.0
 
 
+@dataclass
+class CallSiteStats:
+    """Blocking calls of one function made from one culprit line."""
+
+    function: str
+    culprit: Frame | None
+    count: int = 0  # calls, including those the per-site rate limit kept from events
+    total: float = 0.0  # seconds, of the calls reported as events
+
+
 class StallSummary:
-    """Stalls grouped by culprit: count, total and longest; bounded in size.
+    """Stalls grouped by culprit, and blocking calls by site; bounded in size.
 
     Args:
-        max_culprits: Distinct culprits kept; later ones are grouped as "other".
+        max_culprits: Distinct culprits (and call sites) kept; later ones are
+            grouped as "other".
     """
 
     def __init__(self, max_culprits: int = 200) -> None:
         self.max_culprits = max_culprits
         self._by: dict[Frame | None, CulpritStats] = {}
         self._other = CulpritStats(None)
+        self._calls: dict[tuple[str, Frame | None], CallSiteStats] = {}
+        self._other_calls = CallSiteStats("other", None)
         self._lock = threading.Lock()
 
     def emit(self, event: object) -> None:
-        """Count a stall (other events are ignored), as a sink."""
+        """Count a stall or a blocking call (other events are ignored), as a sink."""
+        if isinstance(event, BlockingCall):
+            self._count_call(event)
+            return
         if not isinstance(event, Stall):
             return
         with self._lock:
@@ -106,6 +122,26 @@ class StallSummary:
             stats.count += 1
             stats.total += event.duration
             stats.max = max(stats.max, event.duration)
+
+    def _count_call(self, event: BlockingCall) -> None:
+        key = (event.function, event.culprit)
+        with self._lock:
+            site = self._calls.get(key)
+            if site is None:
+                if len(self._calls) >= self.max_culprits:
+                    site = self._other_calls
+                else:
+                    site = self._calls[key] = CallSiteStats(event.function, event.culprit)
+            site.count += 1 + event.suppressed
+            site.total += event.duration
+
+    def call_rows(self) -> list[CallSiteStats]:
+        """Blocking-call sites, most calls first."""
+        with self._lock:
+            rows = list(self._calls.values())
+            if self._other_calls.count:
+                rows.append(self._other_calls)
+        return sorted(rows, key=lambda r: (r.count, r.total), reverse=True)
 
     def rows(self) -> list[CulpritStats]:
         """Culprits by total stalled time, longest first."""

@@ -2,7 +2,7 @@
 
 ``make test`` installs the servers (Debian's ``postgresql`` and ``redis-server``) when
 it can. Where a server cannot be found the tests that need it are skipped, unless
-``LOOPGUARD_REQUIRE_SERVICES=1`` (set by CI), which turns the skip into a failure so
+``TESTS_REQUIRE_SERVICES=1`` (set by CI), which turns the skip into a failure so
 a missing install step cannot hide behind a green run.
 """
 
@@ -26,8 +26,8 @@ import pytest
 
 def missing(what: str) -> None:
     """Skip the test, or fail it where CI says the service must be there."""
-    if os.environ.get("LOOPGUARD_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{what} (LOOPGUARD_REQUIRE_SERVICES=1)", pytrace=False)
+    if os.environ.get("TESTS_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{what} (TESTS_REQUIRE_SERVICES=1)", pytrace=False)
     pytest.skip(what)
 
 

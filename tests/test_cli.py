@@ -277,3 +277,31 @@ def test_summary_counts_a_stall_that_ends_at_exit(tmp_path: Path) -> None:
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 3
     assert all(isinstance(r["pid"], int) for r in records)
+
+
+def test_summary_lists_blocking_calls_by_site(tmp_path: Path) -> None:
+    program = tmp_path / "calls.py"
+    program.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, time
+
+            async def main():
+                for _ in range(3):
+                    time.sleep(0.001)  # MARK:sleep
+                    await asyncio.sleep(0)
+
+            asyncio.run(main())
+            """
+        )
+    )
+    result = loopguard(
+        "run", "--blocking", "record", "--", sys.executable, "calls.py", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    summary = result.stderr[result.stderr.index("loopguard summary") :]
+    assert "3 blocking call(s) on the loop thread" in summary
+    line = line_with(program.read_text(), "MARK:sleep")
+    row = next(r for r in summary.splitlines() if "time.sleep" in r)
+    assert row.split()[0] == "3"
+    assert row.endswith(f"calls.py:{line} in main")
