@@ -8,6 +8,7 @@ local variables: a stack is a tuple of :class:`Frame` (file, line, function).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -22,6 +23,12 @@ __all__ = [
     "StackSample",
     "Stall",
 ]
+
+
+def short_path(path: str) -> str:
+    """``path`` relative to the current directory when it is under it, else as given."""
+    here = os.getcwd() + os.sep
+    return path[len(here) :] if path.startswith(here) else path
 
 
 @dataclass(frozen=True)
@@ -261,5 +268,5 @@ class SlowCallback(Event):
 
     def __str__(self) -> str:
         task = f" in task {self.task!r}" if self.task else ""
-        where = f" ({self.culprit.file}:{self.culprit.line})" if self.culprit else ""
+        where = f" ({short_path(self.culprit.file)}:{self.culprit.line})" if self.culprit else ""
         return f"slow callback: {self.callback}{where} ran {self.duration * 1000:.0f} ms{task}"

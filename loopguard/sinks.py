@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
-from .events import BlockingCall, Event, Frame, Stall
+from .events import BlockingCall, Event, Frame, Stall, short_path
 
 __all__ = [
     "CallbackSink",
@@ -85,12 +85,7 @@ def format_stall(stall: Stall, *, max_frames: int = 12) -> str:
 
 
 def _where(frame: Frame) -> str:
-    return f"{_short(frame.file)}:{frame.line} in {frame.function}"
-
-
-def _short(path: str) -> str:
-    here = os.getcwd() + os.sep
-    return path[len(here) :] if path.startswith(here) else path
+    return f"{short_path(frame.file)}:{frame.line} in {frame.function}"
 
 
 def _stack_lines(frames: tuple[Frame, ...], culprit: Frame | None, limit: int) -> list[str]:

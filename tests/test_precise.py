@@ -207,3 +207,15 @@ def test_the_slow_limit_follows_the_precise_watchdogs_running() -> None:
         asyncio.run(main())  # the finer watchdog stopped: back to 0.2 s
         assert len(slow_events(coarse, fine)) == 1
     assert asyncio.events.Handle.__dict__["_run"] is ORIGINAL_RUN
+
+
+def test_slow_callback_text_shows_paths_relative_to_the_current_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    inside = SlowCallback(
+        0.05, "handler", "req-1", loopguard.Frame(str(tmp_path / "app.py"), 7, "h")
+    )
+    outside = SlowCallback(0.05, "handler", None, loopguard.Frame("/elsewhere/lib.py", 3, "h"))
+    assert str(inside) == "slow callback: handler (app.py:7) ran 50 ms in task 'req-1'"
+    assert "(/elsewhere/lib.py:3)" in str(outside)
