@@ -50,7 +50,7 @@ import anyio.lowlevel
 import anyio.to_process
 import anyio.to_thread
 
-from . import _api, metrics
+from . import _watchdog, metrics
 from .events import Frame, Offloaded
 from .sinks import LoggingSink
 
@@ -580,12 +580,11 @@ def _task_name() -> str | None:
 
 
 def _report(event: Offloaded) -> None:
-    """Log the switch and hand the event to the installed watchdog's sinks."""
-    watchdog = _api.current()
-    sinks = watchdog.sinks if watchdog is not None else None
-    if sinks is None or not any(isinstance(s, LoggingSink) for s in sinks.sinks):
+    """Log the switch and hand the event to every running watchdog's sinks."""
+    sink_sets = [wd.sinks for wd in list(_watchdog._running)]
+    if not any(isinstance(s, LoggingSink) for sinks in sink_sets for s in sinks.sinks):
         logger.warning("%s", event)
-    if sinks is not None:
+    for sinks in sink_sets:
         # Sinks may write files or call user code: never on the loop thread.
         threading.Thread(
             target=sinks.emit, args=(event,), name="loopguard-report", daemon=True

@@ -694,6 +694,17 @@ async def test_adaptive_runs_fast_calls_inline_then_moves_out(anyio_backend: obj
 
 
 @pytest.mark.loopguard(blocking="off")  # runs blocking bodies inline on purpose
+async def test_adaptive_switch_reaches_scoped_watchdogs_too(anyio_backend: object) -> None:
+    installed: list[Event] = []
+    loopguard.install(log=False, callback=installed.append)
+    with loopguard.watch(log=False) as scoped:
+        adaptive = loopguard.offload(adaptive=0.02)(_adaptive_body)
+        await adaptive(0.05)
+        assert await wait_until(lambda: any(isinstance(e, Offloaded) for e in scoped.events))
+    assert await wait_until(lambda: any(isinstance(e, Offloaded) for e in installed))
+
+
+@pytest.mark.loopguard(blocking="off")  # runs blocking bodies inline on purpose
 async def test_adaptive_switch_is_logged_once(
     anyio_backend: object, caplog: pytest.LogCaptureFixture
 ) -> None:
