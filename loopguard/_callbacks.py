@@ -119,15 +119,23 @@ class PreciseTimer:
 
 
 class _Raise:
-    """Stands in for a handle's context for one call: raises what the callback raised."""
+    """Stands in for a handle's context: raises what the callback raised, once.
 
-    __slots__ = ("exc",)
+    After that it runs code in the real context, as asyncio (3.12+) does with the
+    loop's exception handler while reporting the error.
+    """
 
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
+    __slots__ = ("context", "exc")
 
-    def run(self, *_: object) -> None:
-        raise self.exc
+    def __init__(self, context: Any, exc: BaseException) -> None:
+        self.context = context
+        self.exc: BaseException | None = exc
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        exc, self.exc = self.exc, None
+        if exc is not None:
+            raise exc
+        return self.context.run(fn, *args, **kwargs)
 
 
 def _report(handle: asyncio.Handle, exc: BaseException) -> None:
@@ -138,7 +146,7 @@ def _report(handle: asyncio.Handle, exc: BaseException) -> None:
     ``KeyboardInterrupt``. It only needs ``_context.run`` to raise the exception.
     """
     context = handle._context  # type: ignore[attr-defined]
-    handle._context = _Raise(exc)  # type: ignore[attr-defined]
+    handle._context = _Raise(context, exc)  # type: ignore[attr-defined]
     try:
         _ORIGINAL_RUN(handle)
     finally:
