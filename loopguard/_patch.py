@@ -33,69 +33,14 @@ Wrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], A
 _MISSING = object()
 
 
-class Patch:
-    """Replace ``owner.name`` with a wrapper, reversibly.
-
-    Args:
-        owner: The class or module that holds the attribute.
-        name: Attribute name.
-        wrapper: A wrapt-style wrapper ``(wrapped, instance, args, kwargs) -> result``.
-    """
-
-    def __init__(self, owner: Any, name: str, wrapper: Wrapper) -> None:
-        self.owner = owner
-        self.name = name
-        self._wrapper_fn = wrapper
-        self._own: object = _MISSING  # what owner.__dict__ held before (or _MISSING)
-        self._installed: Any = None
-        self.active = False
-
-    def _call(self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        if not self.active:
-            return wrapped(*args, **kwargs)
-        return self._wrapper_fn(wrapped, instance, args, kwargs)
-
-    def activate(self) -> None:
-        """Install the wrapper (no-op if already active)."""
-        if self.active:
-            return
-        if self._installed is not None and vars(self.owner).get(self.name) is self._installed:
-            self.active = True  # an earlier deactivate could not remove us: re-enable
-            return
-        self._own = vars(self.owner).get(self.name, _MISSING)
-        original = getattr(self.owner, self.name)
-        self._installed = wrapt.FunctionWrapper(original, self._call)
-        setattr(self.owner, self.name, self._installed)
-        self.active = True
-
-    def deactivate(self) -> None:
-        """Restore the original if the attribute is still ours; else become a pass-through."""
-        if not self.active:
-            return
-        self.active = False
-        if vars(self.owner).get(self.name) is not self._installed:
-            logger.debug(
-                "%s.%s was wrapped again after loopguard; leaving a pass-through",
-                getattr(self.owner, "__name__", self.owner),
-                self.name,
-            )
-            return
-        if self._own is _MISSING:
-            delattr(self.owner, self.name)
-        else:
-            setattr(self.owner, self.name, self._own)
-        self._installed = None
-
-
 class ReplacePatch:
-    """Replace ``owner.name`` with a plain callable built from the original, reversibly.
+    """Replace ``owner.name`` with a callable built from the original, reversibly.
 
-    A cheaper sibling of :class:`Patch` for the hottest functions: the replacement
-    is whatever ``make(original)`` returns (typically a small Python function), so
-    a call costs one Python frame instead of wrapt's proxy plus a wrapper call.
-    The replacement decides itself what to do once the patch is inactive (read
-    :attr:`active`); :meth:`deactivate` restores the original only if the
-    attribute is still the replacement, like :class:`Patch`.
+    The replacement is whatever ``make(original)`` returns (for the hottest
+    functions a small Python function: one frame per call, no proxy). It decides
+    itself what to do once the patch is inactive (read :attr:`active`).
+    :meth:`deactivate` restores the original only if the attribute is still the
+    replacement; if someone replaced it after us, ours stays in their chain.
 
     Args:
         owner: The class or module that holds the attribute.
@@ -107,7 +52,7 @@ class ReplacePatch:
         self.owner = owner
         self.name = name
         self._make = make
-        self._own: object = _MISSING
+        self._own: object = _MISSING  # what owner.__dict__ held before (or _MISSING)
         self._installed: Any = None
         self.original: Any = None
         self.active = False
@@ -117,7 +62,7 @@ class ReplacePatch:
         if self.active:
             return
         if self._installed is not None and vars(self.owner).get(self.name) is self._installed:
-            self.active = True
+            self.active = True  # an earlier deactivate could not remove us: re-enable
             return
         own = vars(self.owner).get(self.name, _MISSING)
         original = getattr(self.owner, self.name)
@@ -127,7 +72,7 @@ class ReplacePatch:
         self.active = True
 
     def deactivate(self) -> None:
-        """Restore the original if the attribute is still ours; else stay in the chain."""
+        """Restore the original if the attribute is still ours; else become a pass-through."""
         if not self.active:
             return
         self.active = False
@@ -143,6 +88,26 @@ class ReplacePatch:
         else:
             setattr(self.owner, self.name, self._own)
         self._installed = None
+
+
+class Patch(ReplacePatch):
+    """Replace ``owner.name`` with a wrapt ``FunctionWrapper``, reversibly.
+
+    Args:
+        owner: The class or module that holds the attribute.
+        name: Attribute name.
+        wrapper: A wrapt-style wrapper ``(wrapped, instance, args, kwargs) -> result``;
+            once the patch is inactive, calls go straight to the original.
+    """
+
+    def __init__(self, owner: Any, name: str, wrapper: Wrapper) -> None:
+        super().__init__(owner, name, lambda original: wrapt.FunctionWrapper(original, self._call))
+        self._wrapper_fn = wrapper
+
+    def _call(self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        if not self.active:
+            return wrapped(*args, **kwargs)
+        return self._wrapper_fn(wrapped, instance, args, kwargs)
 
 
 # -- post-import hooks ---------------------------------------------------------------

@@ -1050,6 +1050,8 @@ def yielding(
     return _Yielding(iter(iterable), float(every))
 
 
+# The two iterators repeat their few lines of pacing on purpose: __anext__ runs per
+# item, and a shared helper method cost 20 % more per item in a timeit run.
 class _Yielding(AsyncIterator[T], Generic[T]):
     __slots__ = ("_deadline", "_every", "_iterator")
 

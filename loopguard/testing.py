@@ -16,7 +16,6 @@ Under pytest, the plugin's ``loopguard_events`` fixture gives a test the same
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -25,51 +24,35 @@ from ._blocking import Allow, BlockingGuard, Mode
 from ._config import Config
 from ._watchdog import Watchdog
 from .events import BlockingCall, Event, Stall
-from .sinks import CallbackSink, format_blocking_call, format_stall
+from .sinks import CallbackSink, RecordingSink, format_blocking_call, format_stall
 
 __all__ = ["LoopEvents", "capture", "settle"]
 
 
-class LoopEvents:
+class LoopEvents(RecordingSink):
     """Stalls and blocking calls seen while some code ran, oldest first.
 
-    Thread-safe: the watchdog's sampler adds stalls, loop threads add blocking calls.
+    A :class:`~loopguard.RecordingSink` (thread-safe: the watchdog's sampler adds
+    stalls, loop threads add blocking calls) that keeps up to ``maxlen`` events and
+    can fail a test with what it holds.
+
+    Args:
+        maxlen: How many events to keep; older ones are dropped and counted in
+            :attr:`dropped` (and named by :meth:`assert_clean`).
     """
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._events: list[Event] = []
+    def __init__(self, maxlen: int = 10_000) -> None:
+        super().__init__(maxlen)
 
     def add(self, event: Event) -> None:
         """Record one event (a :class:`~loopguard.Stall` or :class:`~loopguard.BlockingCall`)."""
-        with self._lock:
-            self._events.append(event)
-
-    @property
-    def events(self) -> list[Event]:
-        """Every event, oldest first."""
-        with self._lock:
-            return list(self._events)
-
-    @property
-    def stalls(self) -> list[Stall]:
-        """The stalls, oldest first."""
-        return [e for e in self.events if isinstance(e, Stall)]
-
-    @property
-    def blocking_calls(self) -> list[BlockingCall]:
-        """The blocking calls made on a loop thread, oldest first."""
-        return [e for e in self.events if isinstance(e, BlockingCall)]
-
-    def clear(self) -> None:
-        """Forget everything recorded so far."""
-        with self._lock:
-            self._events.clear()
+        self.emit(event)
 
     def take(self) -> list[Event]:
         """Return and forget everything recorded so far."""
         with self._lock:
-            events, self._events = self._events, []
+            events = list(self._events)
+            self._events.clear()
         return events
 
     def __len__(self) -> int:
@@ -84,7 +67,8 @@ class LoopEvents:
         """
         events = self.events
         if events:
-            raise AssertionError(describe(events))
+            more = f"\n(+{self.dropped} earlier events not kept)" if self.dropped else ""
+            raise AssertionError(describe(events) + more)
 
 
 def describe(events: Iterable[Event]) -> str:

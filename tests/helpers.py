@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import re
 import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Metric
 
 
 def line_of(marker: str, path: str = __file__) -> int:
@@ -46,3 +52,28 @@ def hog_later(delay: float, n: int = 23) -> None:
 
 REGEX_LINE = line_of("MARK:regex")
 HOG_LINE = line_of("MARK:hog")
+
+
+def collect(reader: InMemoryMetricReader) -> dict[str, Metric]:
+    """Every metric the reader holds now, by name (all from loopguard's meter)."""
+    import loopguard
+
+    data = reader.get_metrics_data()
+    found: dict[str, Metric] = {}
+    if data is None:
+        return found
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            assert scope.scope.name == "loopguard"
+            assert scope.scope.version == loopguard.__version__
+            for metric in scope.metrics:
+                found[metric.name] = metric
+    return found
+
+
+# The anyio backends loopguard supports, for ``anyio_backend`` parametrization.
+BACKENDS = [
+    pytest.param(("asyncio", {}), id="asyncio"),
+    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    pytest.param(("trio", {}), id="trio"),
+]

@@ -4,42 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import sleepy
-from opentelemetry.sdk.metrics import MeterProvider
+from helpers import collect, sleepy
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Metric
 
 import loopguard
-from loopguard import metrics
 
 # These tests block event loops on purpose: the plugin must not fail them.
 pytestmark = pytest.mark.loopguard(enabled=False)
-
-
-@pytest.fixture
-def reader() -> Iterator[InMemoryMetricReader]:
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
-    metrics.use_meter_provider(provider)
-    try:
-        yield reader
-    finally:
-        metrics.use_meter_provider(None)
-        provider.shutdown()
-
-
-def collect(reader: InMemoryMetricReader) -> dict[str, Metric]:
-    data = reader.get_metrics_data()
-    found: dict[str, Metric] = {}
-    if data is not None:
-        for resource in data.resource_metrics:
-            for scope in resource.scope_metrics:
-                for metric in scope.metrics:
-                    found[metric.name] = metric
-    return found
 
 
 def points(metric: Metric) -> list[Any]:

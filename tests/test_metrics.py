@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
+from helpers import collect
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     HistogramDataPoint,
@@ -26,49 +27,12 @@ from loopguard import metrics
 
 pytestmark = pytest.mark.anyio
 
-BACKENDS = [
-    pytest.param(("asyncio", {}), id="asyncio"),
-    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    pytest.param(("trio", {}), id="trio"),
-]
-
-
-@pytest.fixture(params=BACKENDS)
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
-    return request.param  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def reader() -> Iterator[InMemoryMetricReader]:
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
-    metrics.use_meter_provider(provider)
-    try:
-        yield reader
-    finally:
-        metrics.use_meter_provider(None)
-        provider.shutdown()
-
 
 @pytest.fixture
 def pool() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
     # Made and shut down outside the event loop: shutting down joins its threads.
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
         yield executor
-
-
-def collect(reader: InMemoryMetricReader) -> dict[str, Metric]:
-    data = reader.get_metrics_data()
-    found: dict[str, Metric] = {}
-    if data is None:
-        return found
-    for resource in data.resource_metrics:
-        for scope in resource.scope_metrics:
-            assert scope.scope.name == "loopguard"
-            assert scope.scope.version == loopguard.__version__
-            for metric in scope.metrics:
-                found[metric.name] = metric
-    return found
 
 
 def histogram_points(metric: Metric) -> list[HistogramDataPoint]:

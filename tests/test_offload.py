@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
-from helpers import line_of, sleepy, spin
+from helpers import BACKENDS, line_of, sleepy, spin
 
 import loopguard
 from loopguard.events import Event, Offloaded
@@ -34,17 +34,6 @@ else:
     from typing_extensions import assert_type
 
 pytestmark = pytest.mark.anyio
-
-BACKENDS = [
-    pytest.param(("asyncio", {}), id="asyncio"),
-    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    pytest.param(("trio", {}), id="trio"),
-]
-
-
-@pytest.fixture(params=BACKENDS)
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
-    return request.param  # type: ignore[no-any-return]
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
