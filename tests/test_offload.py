@@ -546,7 +546,9 @@ async def test_native_asyncio_cancellation_also_waits(
     threading.Timer(0.1, gate.release.set).start()
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(call(), 0.02)
-    assert gate.finished.is_set()
+    # A started call was waited for. On a busy machine the call may still have been
+    # queued (for its thread or its limit) after 20 ms: then it was dropped, never run.
+    assert gate.finished.is_set() == gate.started.is_set()
 
     gate = Gate()
     task = asyncio.ensure_future(loopguard.offload(**options)(gate.body)())
