@@ -284,6 +284,8 @@ class Watchdog:
                 return self
             self.running = True
             self._stop = False
+            # Dumps read before this start belong to earlier stalls (or watchdogs).
+            self._dump, self._dump_seq = None, _DUMP.seq
             _running.append(self)
             if len(_running) == 1:
                 _hooks_on()

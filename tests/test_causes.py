@@ -303,3 +303,17 @@ def test_gil_dump_warns_once_per_process(
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1
     assert "gil_dump" in warnings[0] and "crash" in warnings[0]
+
+
+def test_a_dump_read_before_start_is_never_used_for_a_new_stall(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from loopguard._watchdog import _DUMP
+
+    # As if an earlier watchdog's dump (a GIL hog of another test) had been read.
+    stale = {1: (Frame("old.py", 1, "old_hog"),)}
+    monkeypatch.setattr(_DUMP, "latest", stale)
+    monkeypatch.setattr(_DUMP, "seq", _DUMP.seq + 1)
+    with loopguard.watch(threshold=THRESHOLD) as wd:
+        asyncio.run(asyncio.sleep(0.3))  # a loop to watch: several sampler passes
+        assert wd._dump is None
