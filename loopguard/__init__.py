@@ -18,6 +18,7 @@ from ._watchdog import Watchdog as Watchdog
 from .events import BlockingCall as BlockingCall
 from .events import Event as Event
 from .events import Frame as Frame
+from .events import GcPause as GcPause
 from .events import Hog as Hog
 from .events import Offloaded as Offloaded
 from .events import SlowCallback as SlowCallback
@@ -44,6 +45,7 @@ __all__ = [
     "Config",
     "Event",
     "Frame",
+    "GcPause",
     "Hog",
     "JsonLinesSink",
     "LoggingSink",

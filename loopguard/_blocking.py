@@ -223,6 +223,12 @@ DEFAULT_ALLOW: tuple[Allow, ...] = (
         direct=True,
         reason="handing work to a thread pool",
     ),
+    Allow(
+        "fastapi.routing",
+        "_extract_endpoint_context",
+        calls=("os.stat", "os.lstat", "open"),
+        reason="FastAPI looks up an endpoint's source file once per endpoint, for error text",
+    ),
 )
 
 
@@ -297,6 +303,11 @@ class _State(threading.local):
 
 _state = _State()
 _guards: tuple[BlockingGuard, ...] = ()
+# Blocking calls that ran and were reported (warn mode), newest last: (thread ident, end on the
+# monotonic clock, seconds, catalogue name). The watchdog matches a stall to the call
+# that caused it, so that one incident is reported once.
+_recent: collections.deque[tuple[int, float, float, str]] = collections.deque(maxlen=32)
+_monotonic = time.monotonic
 _failed_once = False
 
 
@@ -336,7 +347,10 @@ def _on_loop(
         try:
             return original(*args, **kwargs)
         finally:
-            verdict.deliver(_perf_counter() - start)
+            took = _perf_counter() - start
+            if any(action == "warn" for _, action, _ in verdict.plan):
+                _recent.append((_get_ident(), _monotonic(), took, entry.name))
+            verdict.deliver(took)
     finally:
         state.busy = False
 
@@ -384,6 +398,8 @@ def _verdict(
         action = guard._mode
         if action == "off" or guard._allows(entry.name, stack_info):
             continue
+        if guard._scope and not guard._in_scope(stack_info):
+            action = "record"  # outside the code under check: known, not refused
         if _STRENGTH[action] > _STRENGTH.get(strongest, 0):
             strongest = action
         admitted = guard._admit(key)
@@ -1537,6 +1553,10 @@ class BlockingGuard:
             window; further calls from that line are counted in the next event's
             ``suppressed``. ``None``: no limit. Listeners and :attr:`events` see
             every call.
+        scope: Modules (dotted names; submodules count) whose blocking calls the
+            mode applies to: a call with no frame of these modules on its stack is
+            only recorded (``action="record"``), never refused or logged. Empty:
+            every call.
 
     Raises:
         ValueError: An invalid mode or allow rule.
@@ -1555,8 +1575,10 @@ class BlockingGuard:
         listeners: Iterable[Callable[[BlockingCall], object]] = (),
         record: int = 1000,
         rate_limit: tuple[float, int] | None = (60.0, 10),
+        scope: Iterable[str] = (),
     ) -> None:
         self.mode = mode
+        self.scope = tuple(scope)
         user = tuple(Allow.parse(rule) for rule in allow)
         self._defaults = DEFAULT_ALLOW if defaults else ()
         self._rules: tuple[Allow, ...] = self._defaults + user
@@ -1703,6 +1725,25 @@ class BlockingGuard:
 
     # -- called by the slow path (on the loop thread, with the re-entrancy flag set) --
 
+    @property
+    def scope(self) -> tuple[str, ...]:
+        """Modules whose calls the mode applies to (empty: all); may be changed while running."""
+        return self._scope
+
+    @scope.setter
+    def scope(self, modules: Iterable[str]) -> None:
+        names = tuple(modules)
+        for name in names:
+            if not isinstance(name, str) or not name.strip(". "):
+                raise ValueError(f"scope: a dotted module name, got {name!r}")
+        self._scope = names
+
+    def _in_scope(self, stack: _StackInfo) -> bool:
+        scope = self._scope
+        return not scope or any(
+            m == s or m.startswith(s + ".") for m, _ in stack.rows() for s in scope
+        )
+
     def _allows(self, call: str, stack: _StackInfo) -> bool:
         for rule in self._rules + self._scoped if self._scoped else self._rules:
             if not rule.applies_to(call):
@@ -1749,6 +1790,24 @@ class BlockingGuard:
                 logger.exception("loopguard blocking-call listener %r raised", listener)
         if to_sinks and self._sinks is not None:
             _reporter.put(self._sinks, event)
+
+
+def call_during(ident: int, start: float, end: float, share: float) -> str | None:
+    """The reported blocking call that held thread ``ident`` for most of a stall.
+
+    Args:
+        ident: The loop thread.
+        start: When the stall began (monotonic clock).
+        end: When it ended.
+        share: The part of the stall the call must cover.
+
+    Returns:
+        The call's catalogue name, or ``None`` when no reported call explains the stall.
+    """
+    for thread, ended, took, name in reversed(list(_recent)):
+        if thread == ident and start <= ended <= end and took >= share * (end - start):
+            return name
+    return None
 
 
 def running_guards() -> tuple[BlockingGuard, ...]:

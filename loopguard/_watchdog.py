@@ -35,10 +35,11 @@ from typing import Any
 
 from . import metrics
 from ._attribution import attributes_of
-from ._blocking import BlockingGuard
+from ._blocking import BlockingGuard, call_during
 from ._callbacks import TIMER
 from ._causes import DUMP, CpuClocks, CpuSnapshot, diagnose
 from ._config import Config
+from ._gcwatch import GC
 from ._loopstats import LoopStats, LoopStatsSnapshot
 from ._patch import Patch, cancel_import_hook, when_imported
 from ._sampling import StackFolder, sample_threads
@@ -213,6 +214,9 @@ _DUMP = DUMP
 # A dump reads other threads' frames without the GIL: safe while they wait, a data race
 # if one runs Python. Fire only after a delay no GIL hand-off or scheduler hiccup explains.
 _MIN_DUMP_MARGIN = 0.1
+# A stall is a garbage-collection pause (or a reported blocking call) when the collector
+# ran (the call lasted) for this share of it.
+_GC_SHARE = 0.5
 
 
 def _hooks_on() -> None:
@@ -295,6 +299,7 @@ class Watchdog:
                 _DUMP.start()
                 _warn_gil_dump()
             _all_watchdogs.add(self)
+            GC.start()
         if self.config.blocking != "off" and self.blocking_guard is None:
             self.blocking_guard = BlockingGuard(
                 self.config.blocking, allow=self.config.blocking_allow, sinks=[self.sinks]
@@ -333,6 +338,7 @@ class Watchdog:
                 _observe_stats(False)
             if not any(wd.config.gil_dump for wd in _running):
                 _DUMP.stop()
+            GC.stop()
         self.sinks.close()
 
     def __enter__(self) -> Watchdog:
@@ -666,19 +672,31 @@ class Watchdog:
             others=ongoing.others if ongoing is not None else None,
             exclude=own,
         )
+        cause, culprit = found.cause, found.culprit
+        collected = GC.within(end - gap, end)
+        # The collector held the loop for most of the stall: the line that was running
+        # only allocated the object that triggered it. (A GC pause cannot be sampled.)
+        if collected is not None and collected.pause >= _GC_SHARE * duration:
+            cause = "gc"
+            if found.cause != "blocked":
+                culprit = None
         stall = Stall(
             started_at=time.time() - (_monotonic() - end) - duration,
             duration=round(duration, 6),
-            cause=found.cause,
+            cause=cause,
             task=ongoing.task if ongoing is not None else None,
-            culprit=found.culprit,
+            culprit=culprit,
             stacks=found.stacks,
             samples=ongoing.folder.total if ongoing is not None else 0,
             thread=watch.thread_name,
             loop=watch.kind,
             attributes=ongoing.attributes if ongoing is not None else {},
-            hog=found.hog,
+            hog=found.hog if cause != "gc" else None,
             loop_cpu=found.loop_cpu,
+            gc=collected,
+            blocking_call=call_during(watch.thread_id, end - gap, end, _GC_SHARE)
+            if cause == "blocked"
+            else None,
         )
         stalls.append((end, stall))
 

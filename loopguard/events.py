@@ -17,6 +17,7 @@ __all__ = [
     "BlockingCall",
     "Event",
     "Frame",
+    "GcPause",
     "Hog",
     "Offloaded",
     "SlowCallback",
@@ -98,8 +99,10 @@ class Stall(Event):
             held the GIL (a catastrophic regex, a C extension); the line that called
             into C comes from a traceback dump that needs no GIL. ``"gil"``: the
             loop was idle but could not run because another thread held the GIL;
-            :attr:`hog` names that thread. ``"unknown"``: the loop was late but
-            nothing could be observed.
+            :attr:`hog` names that thread. ``"gc"``: the garbage collector ran for
+            most of the stall (:attr:`gc` says which generation and how much it
+            freed); the line that was running merely triggered it. ``"unknown"``:
+            the loop was late but nothing could be observed.
         task: Name of the task that was running on the loop, when known.
         culprit: The deepest frame of user code in the most sampled stack: the
             line that held the loop. ``None`` when nothing was sampled.
@@ -112,6 +115,11 @@ class Stall(Event):
         hog: For ``cause="gil"``: the thread that held the GIL, with its stack.
         loop_cpu: Share of the stall the loop thread spent on the CPU (0 to 1), when
             the platform has per-thread CPU clocks.
+        gc: Garbage collections that ran during the stall (any cause), if any.
+        blocking_call: The catalogue name of the blocking call that held the loop
+            for most of the stall, when the blocking-call guard reported that call
+            (as a :class:`BlockingCall`): one incident, two views of it. Log output
+            shows it once.
     """
 
     kind: ClassVar[str] = "stall"
@@ -128,6 +136,8 @@ class Stall(Event):
     attributes: Mapping[str, str] = field(default_factory=dict)
     hog: Hog | None = None
     loop_cpu: float | None = None
+    gc: GcPause | None = None
+    blocking_call: str | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,27 @@ class Hog:
             "frames": [f.to_dict() for f in self.frames],
             "cpu": self.cpu,
         }
+
+
+@dataclass(frozen=True)
+class GcPause:
+    """Garbage collection that ran while the loop was held.
+
+    Attributes:
+        pause: Seconds spent collecting within the stall.
+        collections: How many collections ran in it.
+        generation: The oldest generation collected (2 is a full collection).
+        collected: Unreachable objects the collections found.
+    """
+
+    pause: float
+    collections: int
+    generation: int
+    collected: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the pause as a JSON-ready mapping."""
+        return dataclasses.asdict(self)
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,11 +20,14 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import inspect
 import math
+import os
 import sys
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,9 +43,10 @@ from .testing import LoopEvents, describe, settle
 __all__ = ["LoopguardPlugin"]
 
 _BLOCKING_CHOICES = ("raise", "warn", "off")
+_GC_CHOICES = ("report", "fail")
 _MARKER_OPTIONS = ("enabled", "threshold", "blocking", "pending_tasks", "allow")
 _SECTION = "loopguard"
-_WARN_SECTION = "loopguard warnings"
+_WARN_SECTION = "loopguard warnings"  # reported, not failed: warn mode, scope, gc
 _RULES_KEY = "loopguard_rules"
 
 
@@ -82,7 +86,34 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="RULE",
         help="allow blocking calls under MODULE[:FUNCTION][@CALL,...] (repeatable)",
     )
+    group.addoption(
+        "--loopguard-scope",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="fail only for blocking calls and stalls in these packages (repeatable; '*' for "
+        "all code; default: the packages found in the rootdir and rootdir/src)",
+    )
+    group.addoption(
+        "--loopguard-gc",
+        choices=_GC_CHOICES,
+        default=None,
+        help="garbage-collection pauses: report them in the summary (default) or fail",
+    )
     parser.addini("loopguard", "enable loopguard for every test", type="bool", default=False)
+    parser.addini(
+        "loopguard_scope",
+        "packages whose blocking calls and stalls fail tests ('*': all code)",
+        type="linelist",
+        default=[],
+    )
+    parser.addini("loopguard_gc", "garbage-collection pauses: report or fail", default="report")
+    parser.addini(
+        "loopguard_default_allow",
+        "apply loopguard's default allow rules (imports, logging, known framework internals)",
+        type="bool",
+        default=True,
+    )
     parser.addini("loopguard_threshold", "stall threshold in seconds", default="0.1")
     parser.addini("loopguard_blocking", "raise, warn or off", default="raise")
     parser.addini(
@@ -108,6 +139,7 @@ class _Settings:
     blocking: str
     pending_tasks: bool
     allow: tuple[Allow, ...]
+    gc: str = "report"
     owns_events: bool = False
 
 
@@ -152,6 +184,15 @@ class LoopguardPlugin:
             )
         except ValueError as exc:
             raise pytest.UsageError(f"loopguard allow rule: {exc}") from None
+        gc = _ini_or_option(config, "loopguard_gc", "loopguard_gc")
+        if gc not in _GC_CHOICES:
+            raise pytest.UsageError(
+                f"loopguard_gc must be one of {', '.join(_GC_CHOICES)}, got {gc!r}"
+            )
+        self.scope = _Scope.configured(
+            [*config.getini("loopguard_scope"), *config.getoption("loopguard_scope")],
+            config.rootpath,
+        )
         self.defaults = _Settings(
             enabled=bool(enabled),
             threshold=_threshold(
@@ -163,14 +204,17 @@ class LoopguardPlugin:
                 _ini_or_option(config, "loopguard_pending_tasks", "loopguard_pending_tasks")
             ),
             allow=allow,
+            gc=str(gc),
         )
+        self.default_allow = bool(config.getini("loopguard_default_allow"))
         self.watchdog: Watchdog | None = None
         self.guard: BlockingGuard | None = None
         self.current: LoopEvents | None = None
         self.settings: _Settings | None = None
         self._min_threshold = self.defaults.threshold
         self._pending: list[str] = []  # findings of the pending-task check, this phase
-        self._warned: list[tuple[str, str]] = []  # (nodeid, text) of warn-mode calls
+        self._warned: list[tuple[str, str]] = []  # (nodeid, line): reported, not failed
+        self._used = False  # some test ran with the checks on
         self._rule_hits: dict[str, int] = {str(rule): 0 for rule in allow}
 
     # -- settings ---------------------------------------------------------------------
@@ -285,9 +329,11 @@ class LoopguardPlugin:
             self.guard = BlockingGuard(
                 "off",
                 allow=self.defaults.allow,
+                defaults=self.default_allow,
                 listeners=[self._on_blocking],
                 rate_limit=None,
                 record=0,
+                scope=self.scope.modules,
             ).start()
         return self.guard
 
@@ -317,6 +363,7 @@ class LoopguardPlugin:
             yield
             return
         self.settings = settings
+        self._used = True
         self.current = LoopEvents()
         self._pending = []
         self._ensure_watchdog()
@@ -393,11 +440,28 @@ class LoopguardPlugin:
             events = []
         stalls = [e for e in events if isinstance(e, Stall) and e.duration >= settings.threshold]
         calls = [e for e in events if isinstance(e, BlockingCall)]
+        # One incident, one report: a stall that a warned call caused tells both facts.
+        caused = {s.blocking_call for s in stalls if s.blocking_call}
+        calls = [c for c in calls if not (c.action == "warn" and c.function in caused)]
         failing_calls = [e for e in calls if e.action == "raise"]
-        warned = [e for e in calls if e.action != "raise"]
+        noted: list[tuple[str, Event]] = [
+            ("warn" if e.action == "warn" else "outside scope", e)
+            for e in calls
+            if e.action != "raise"
+        ]
+        failing_stalls = []
+        for stall in stalls:
+            if stall.cause == "gc" and settings.gc != "fail":
+                noted.append(("gc", stall))
+            elif not self.scope.holds(stall):
+                noted.append(("outside scope", stall))
+            else:
+                failing_stalls.append(stall)
+        stalls = failing_stalls
         pending, self._pending = self._pending, []
-        if warned:
-            report.sections.append((_WARN_SECTION, describe(_trimmed(warned))))
+        if noted:
+            text = "\n".join(f"[{why}] {describe(_trimmed([e]))}" for why, e in noted)
+            report.sections.append((_WARN_SECTION, text))
         problems = [*failing_calls, *stalls]
         if not problems and not pending:
             return
@@ -419,11 +483,14 @@ class LoopguardPlugin:
     # -- reporting ------------------------------------------------------------------------
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        """Collect warn-mode findings (also from xdist workers) for the summary."""
+        """Collect findings reported, not failed (also from xdist workers), for the summary."""
         for title, text in report.sections:
             if title == _WARN_SECTION:
-                self._warned.append((report.nodeid, text))
+                for line in text.splitlines():
+                    if line.startswith("["):
+                        self._warned.append((report.nodeid, line))
 
+    @pytest.hookimpl(optionalhook=True)  # an xdist hook: without xdist it is never called
     def pytest_testnodedown(self, node: Any, error: object) -> None:
         """Merge rule counts from an xdist worker."""
         hits = getattr(node, "workeroutput", {}).get(_RULES_KEY, {})
@@ -435,10 +502,11 @@ class LoopguardPlugin:
         if getattr(self.config, "workerinput", None) is not None:
             return  # an xdist worker: the controller prints the summary
         if self._warned:
-            terminalreporter.section("loopguard: blocking calls (warn mode)")
-            for nodeid, text in self._warned:
-                first = text.splitlines()[0]
-                terminalreporter.write_line(f"{nodeid}: {first}")
+            terminalreporter.section("loopguard: reported, not failed")
+            for nodeid, line in self._warned:
+                terminalreporter.write_line(f"{nodeid}: {line}")
+        if self._used and (self._warned or self.config.getoption("verbose") > 0):
+            terminalreporter.write_line(f"loopguard scope: {self.scope}")
         if self._rule_hits:
             from ._blocking import RuleHits
 
@@ -490,6 +558,87 @@ class _Live(LoopEvents):
             for event in current.take():
                 self.add(event)
         return super().events
+
+
+# Directories at the rootdir that hold tests, docs or tools rather than the code under test.
+_NOT_SCOPE = frozenset(
+    {"tests", "test", "testing", "docs", "doc", "benchmarks", "bench", "examples", "scripts"}
+)
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """The code under test: failures are limited to blocking and stalls in it."""
+
+    modules: tuple[str, ...]  # empty: all code
+    origin: str = ""
+
+    @classmethod
+    def configured(cls, names: Sequence[str], rootdir: Any) -> _Scope:
+        names = [n.strip() for n in names if n.strip()]
+        if "*" in names:
+            return cls((), "all code: loopguard_scope = *")
+        if not names:
+            found = _packages_at(Path(rootdir))
+            if not found:
+                return cls((), "all code: no package found in the rootdir")
+            return cls(tuple(found), "packages found in the rootdir")
+        for name in names:
+            if not all(part.isidentifier() for part in name.split(".")):
+                raise pytest.UsageError(f"loopguard_scope: not a module name: {name!r}")
+        return cls(tuple(names), "loopguard_scope")
+
+    def __str__(self) -> str:
+        return f"{', '.join(self.modules)} ({self.origin})" if self.modules else self.origin
+
+    def _dirs(self) -> list[str]:
+        """Where the scope's modules live now (as imported, else as importable)."""
+        dirs: list[str] = []
+        for name in self.modules:
+            module = sys.modules.get(name)
+            places = list(getattr(module, "__path__", None) or [])
+            if not places and getattr(module, "__file__", None):
+                places = [module.__file__]  # type: ignore[union-attr]
+            if module is None:
+                with contextlib.suppress(Exception):
+                    spec = importlib.util.find_spec(name)
+                    if spec is not None:
+                        places = list(spec.submodule_search_locations or [spec.origin or ""])
+            dirs.extend(os.path.realpath(p) for p in places if p)
+        return dirs
+
+    def holds(self, stall: Stall) -> bool:
+        """True when the stall's stack (or the GIL hog's) runs code in scope."""
+        if not self.modules:
+            return True
+        frames = list(stall.stacks[0].frames) if stall.stacks else []
+        if stall.hog is not None:
+            frames.extend(stall.hog.frames)
+        dirs = self._dirs()
+        for frame in frames:
+            path = os.path.realpath(frame.file)
+            if any(path == d or path.startswith(d + os.sep) for d in dirs):
+                return True
+        return False
+
+
+def _packages_at(root: Path) -> list[str]:
+    found: list[str] = []
+    for base in (root, root / "src"):
+        try:
+            children = sorted(base.iterdir())
+        except OSError:
+            continue
+        for child in children:
+            if (
+                child.is_dir()
+                and child.name.isidentifier()
+                and child.name not in _NOT_SCOPE
+                and not child.name.startswith(("test_", "."))
+                and (child / "__init__.py").is_file()
+            ):
+                found.append(child.name)
+    return found
 
 
 def _trimmed(events: Sequence[Event]) -> list[Event]:

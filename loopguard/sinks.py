@@ -57,6 +57,8 @@ def format_stall(stall: Stall, *, max_frames: int = 12) -> str:
     """
     if stall.culprit is not None:
         where = _where(stall.culprit)
+    elif stall.cause == "gc":
+        where = "garbage collection (no line to blame)"
     elif stall.samples or stall.stacks:
         where = "culprit not identified (see the stack)"
     else:
@@ -65,7 +67,10 @@ def format_stall(stall: Stall, *, max_frames: int = 12) -> str:
     why = {
         "c-held-gil": " by C code holding the GIL",
         "gil": f" waiting for the GIL held by thread {stall.hog.thread!r}" if stall.hog else "",
+        "gc": _gc_text(stall),
     }.get(stall.cause, "")
+    if stall.blocking_call:
+        why = f" in blocking call {stall.blocking_call}()"
     head = (
         f"event loop blocked for {stall.duration * 1000:.0f} ms{task}{why} "
         f"[{stall.cause}, {stall.loop}, thread {stall.thread!r}]: {where}"
@@ -82,6 +87,16 @@ def format_stall(stall: Stall, *, max_frames: int = 12) -> str:
         lines.append(f"  stack ({seen}), innermost last:")
         lines.extend(f"    {text}" for text in _stack_lines(top.frames, stall.culprit, max_frames))
     return "\n".join(lines)
+
+
+def _gc_text(stall: Stall) -> str:
+    gc = stall.gc
+    if gc is None:
+        return " by garbage collection"
+    return (
+        f" by garbage collection (generation {gc.generation}, {gc.collections} collection(s), "
+        f"{gc.pause * 1000:.0f} ms, {gc.collected} object(s) collected)"
+    )
 
 
 def _where(frame: Frame) -> str:
@@ -160,6 +175,8 @@ class LoggingSink:
             own_str = type(event).__str__ is not Event.__str__
             self.logger.warning("%s", event if own_str else json.dumps(event.to_dict()))
             return
+        if event.blocking_call:
+            return  # the guard logged the call that caused it, with its duration
         key: object = (event.culprit.file, event.culprit.line) if event.culprit else None
         if key is None:  # no line: tell stalls apart by what is known about them
             key = (event.cause, event.hog.thread if event.hog else None)

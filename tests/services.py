@@ -48,6 +48,22 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Pat
     raise RuntimeError(f"{what} did not listen on port {port} within 30 s")
 
 
+def _wait_until_accepting(dsn: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """PostgreSQL listens before it accepts sessions ("the database system is starting up")."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"postgres exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            psycopg2.connect(dsn).close()
+            return
+        except psycopg2.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:
@@ -106,7 +122,9 @@ def _postgres(tmp: Path, initdb: str, server: str) -> Iterator[str]:
         )
     try:
         _wait_for_port(port, proc, "postgres", log)
-        yield f"host=127.0.0.1 port={port} user=loopguard dbname=postgres connect_timeout=5"
+        dsn = f"host=127.0.0.1 port={port} user=loopguard dbname=postgres connect_timeout=5"
+        _wait_until_accepting(dsn, proc, log)
+        yield dsn
     finally:
         _stop(proc)
 

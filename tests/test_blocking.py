@@ -760,3 +760,34 @@ def test_forked_child_keeps_guarding() -> None:
         os.waitpid(pid, 0)
     assert seen == "os.stat"
     assert functions(guard) == ["time.sleep"]
+
+
+@pytest.mark.loopguard(enabled=False)  # it stalls its loop on purpose
+def test_a_blocking_call_that_stalls_the_loop_is_one_report(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The stall a warned call caused names the call and is not logged a second time."""
+    from loopguard.testing import settle
+
+    async def main() -> None:
+        await asyncio.sleep(0.05)
+        time.sleep(0.3)  # MARK:one-incident
+        await asyncio.sleep(0.05)
+
+    config = loopguard.Config(threshold=0.1, blocking="warn", log=True, record=100)
+    with caplog.at_level(logging.WARNING, logger="loopguard"), loopguard.Watchdog(config) as wd:
+        asyncio.run(main())
+        settle(wd)
+        assert wd.blocking_guard is not None
+        wd.blocking_guard.flush()
+        events = list(wd.events)
+    calls = [e for e in events if isinstance(e, BlockingCall)]
+    stalls = [e for e in events if isinstance(e, loopguard.Stall)]
+    assert [c.function for c in calls] == ["time.sleep"]
+    assert calls[0].duration >= 0.29
+    assert len(stalls) == 1 and stalls[0].blocking_call == "time.sleep"
+    assert stalls[0].culprit is not None
+    assert stalls[0].culprit.line == line_of("MARK:one-incident", HERE)
+    logged = [r.getMessage() for r in caplog.records]
+    assert len([m for m in logged if "time.sleep" in m]) == 1, logged
+    assert not [m for m in logged if m.startswith("event loop blocked")], logged

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import itertools
 import json
 import logging
 import subprocess
@@ -28,6 +29,8 @@ from helpers import (
 )
 
 import loopguard
+import loopguard.sinks
+import loopguard.testing
 from loopguard import Frame, Stall
 from loopguard._causes import CpuSnapshot, _original_arm, diagnose, parse_dump
 from loopguard._sampling import StackFolder
@@ -317,3 +320,76 @@ def test_a_dump_read_before_start_is_never_used_for_a_new_stall(
     with loopguard.watch(threshold=THRESHOLD) as wd:
         asyncio.run(asyncio.sleep(0.3))  # a loop to watch: several sampler passes
         assert wd._dump is None
+
+
+class _Node:
+    __slots__ = ("__weakref__", "other")
+
+    def __init__(self) -> None:
+        self.other: Any = None
+
+
+def _garbage_heap(n: int) -> list[_Node]:
+    """``n`` live container objects: a full collection has to walk all of them."""
+    nodes = [_Node() for _ in range(n)]
+    for a, b in itertools.pairwise(nodes):
+        a.other = b
+    return nodes
+
+
+def _cycles(n: int) -> None:
+    """Leave ``n`` unreachable two-object cycles for the collector."""
+    for _ in range(n):
+        a, b = _Node(), _Node()
+        a.other, b.other = b, a
+
+
+def test_gc_pause_is_its_own_cause() -> None:
+    """A full collection holding the loop is a ``gc`` stall, not C code on an innocent line."""
+    import gc
+
+    heap = _garbage_heap(2_000_000)
+
+    async def main() -> None:
+        await asyncio.sleep(0.05)
+        gc.disable()  # the cycles must wait for the full collection below
+        try:
+            _cycles(50_000)
+        finally:
+            gc.enable()
+        gc.collect()  # a full collection over a heap of two million objects
+        await asyncio.sleep(0.05)
+
+    with loopguard.watch(threshold=THRESHOLD, interval=INTERVAL) as wd:
+        asyncio.run(main())
+        loopguard.testing.settle(wd)
+        stalls = list(wd.stalls)
+    del heap
+    assert stalls, "the collection did not stall the loop for the threshold"
+    stall = max(stalls, key=lambda s: s.duration)
+    assert stall.cause == "gc", stall
+    assert stall.gc is not None
+    assert stall.gc.generation == 2
+    assert stall.gc.collected >= 100_000
+    assert stall.gc.pause >= 0.5 * stall.duration
+    assert stall.culprit is None
+    assert "by garbage collection (generation 2" in loopguard.sinks.format_stall(stall)
+    assert stall.to_dict()["gc"]["generation"] == 2
+
+
+def test_stall_with_a_short_collection_keeps_its_cause() -> None:
+    """A Python stall during which a young collection ran stays ``blocked`` at its line."""
+    import gc
+
+    async def main() -> None:
+        await asyncio.sleep(0.05)
+        spin(0.3)
+        await asyncio.sleep(0.05)
+
+    with loopguard.watch(threshold=THRESHOLD, interval=INTERVAL) as wd:
+        gc.collect(0)
+        asyncio.run(main())
+        loopguard.testing.settle(wd)
+        stalls = list(wd.stalls)
+    assert [s.cause for s in stalls] == ["blocked"]
+    assert stalls[0].culprit is not None and stalls[0].culprit.line in SPIN_LINES

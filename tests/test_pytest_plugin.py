@@ -193,8 +193,8 @@ def test_blocking_warn_and_off(pytester: pytest.Pytester) -> None:
     warn.assert_outcomes(passed=1)
     warn.stdout.fnmatch_lines(
         [
-            "*loopguard: blocking calls (warn mode)*",
-            "*test_it.py::test_sleeps: blocking call time.sleep() on the event loop*",
+            "*loopguard: reported, not failed*",
+            "*test_it.py::test_sleeps: [[]warn[]] blocking call time.sleep() on the event loop*",
         ]
     )
     run(pytester, "--loopguard", "--loopguard-blocking=off").assert_outcomes(passed=1)
@@ -548,3 +548,170 @@ def test_xdist(pytester: pytest.Pytester) -> None:
     )
     result.assert_outcomes(passed=5, failed=4)
     result.stdout.fnmatch_lines(["*1 call(s) allowed  test_it:legacy*"])
+
+
+def test_without_xdist_the_plugin_loads(pytester: pytest.Pytester) -> None:
+    """xdist-only hooks are optional: a suite without xdist runs, enabled or not."""
+    write(
+        pytester,
+        """
+        def test_plain():
+            assert True
+
+        def test_blocks():
+            async def main():
+                time.sleep(0.01)  # BLOCKS
+            asyncio.run(main())
+        """,
+    )
+    plain = run(pytester, "-p", "no:xdist")
+    assert plain.ret == 0, plain.stdout.str()
+    plain.assert_outcomes(passed=2)
+    checked = run(pytester, "-p", "no:xdist", "--loopguard")
+    checked.assert_outcomes(passed=1, failed=1)
+    checked.stdout.fnmatch_lines([f"*test_it.py:{line_in(pytester, '# BLOCKS')} in *main*"])
+
+
+def _package_under_test(pytester: pytest.Pytester) -> None:
+    pkg = pytester.mkpydir("mypkg")
+    (pkg / "__init__.py").write_text(
+        textwrap.dedent(
+            """
+            import time
+
+            def load():
+                time.sleep(0.01)  # PKG BLOCKS
+
+            def crunch(seconds):
+                end = time.perf_counter() + seconds
+                while time.perf_counter() < end:  # PKG SPINS
+                    pass
+            """
+        )
+    )
+
+
+def test_default_scope_is_the_package_under_test(pytester: pytest.Pytester) -> None:
+    """Blocking in the rootdir's package fails; in test scaffolding it is only reported."""
+    _package_under_test(pytester)
+    write(
+        pytester,
+        """
+        import mypkg
+
+        @pytest.mark.asyncio
+        async def test_package_blocks():
+            mypkg.load()
+
+        @pytest.mark.asyncio
+        async def test_package_stalls():
+            mypkg.crunch(0.3)
+
+        @pytest.mark.asyncio
+        async def test_scaffolding_blocks():
+            with open(__file__) as fh:  # SCAFFOLDING
+                fh.read()
+
+        @pytest.mark.asyncio
+        async def test_scaffolding_stalls():
+            spin(0.3)
+        """,
+    )
+    result = run(pytester, "--loopguard")
+    result.assert_outcomes(passed=2, failed=2)
+    pkg_file = pytester.path / "mypkg" / "__init__.py"
+    blocks = next(
+        i for i, line in enumerate(pkg_file.read_text().splitlines(), 1) if "PKG BLOCKS" in line
+    )
+    result.stdout.fnmatch_lines(
+        [
+            f"*blocking call time.sleep() on the event loop*mypkg/__init__.py:{blocks} in load*",
+            "*FAILED test_it.py::test_package_blocks*",
+            "*FAILED test_it.py::test_package_stalls*",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*loopguard: reported, not failed*",
+            f"*test_scaffolding_blocks: [[]outside scope[]] blocking call builtins.open()*"
+            f"test_it.py:{line_in(pytester, '# SCAFFOLDING')}*",
+            "*test_scaffolding_stalls: [[]outside scope[]] event loop blocked*",
+            "loopguard scope: mypkg (packages found in the rootdir)",
+        ]
+    )
+    everything = run(pytester, "--loopguard", "--loopguard-scope=*")
+    everything.assert_outcomes(failed=4)
+
+
+def test_scope_option_names_packages(pytester: pytest.Pytester) -> None:
+    _package_under_test(pytester)
+    write(
+        pytester,
+        """
+        import mypkg
+
+        @pytest.mark.asyncio
+        async def test_package_blocks():
+            mypkg.load()
+        """,
+    )
+    pytester.makeini(INI + "loopguard_scope =\n    otherpkg\n")
+    run(pytester, "--loopguard").assert_outcomes(passed=1)
+    run(pytester, "--loopguard", "--loopguard-scope=mypkg").assert_outcomes(failed=1)
+    bad = run(pytester, "--loopguard", "--loopguard-scope=not a module")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*loopguard_scope: not a module name: 'not a module'*"])
+
+
+GC_TEST = """
+import gc
+
+class Node:
+    __slots__ = ("other",)
+
+heap = []
+for _ in range(2_000_000):
+    heap.append(Node())
+
+@pytest.mark.asyncio
+async def test_trivial_but_collects():
+    await asyncio.sleep(0.05)
+    gc.collect()  # a full collection over two million objects
+    await asyncio.sleep(0.05)
+"""
+
+
+def test_gc_pause_is_reported_not_failed(pytester: pytest.Pytester) -> None:
+    """A garbage-collection pause is no fault of the test that triggered it (by default)."""
+    write(pytester, GC_TEST)
+    result = run(pytester, "--loopguard", "--loopguard-threshold=0.05")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["*test_trivial_but_collects: [[]gc[]] event loop blocked for * by garbage collection*"]
+    )
+    strict = run(pytester, "--loopguard", "--loopguard-threshold=0.05", "--loopguard-gc=fail")
+    strict.assert_outcomes(failed=1)
+    strict.stdout.fnmatch_lines(["*by garbage collection (generation 2*"])
+    bad = run(pytester, "--loopguard", "--loopguard-gc=maybe")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+
+
+def test_framework_internals_allowed_by_default(pytester: pytest.Pytester) -> None:
+    """FastAPI's once-per-endpoint source lookup is allowed; the rule can be switched off."""
+    pkg = pytester.mkpydir("fastapi")
+    (pkg / "routing.py").write_text(
+        "import os\n\ndef _extract_endpoint_context(func):\n    return os.stat(__file__)\n"
+    )
+    write(
+        pytester,
+        """
+        from fastapi.routing import _extract_endpoint_context
+
+        @pytest.mark.asyncio
+        async def test_route_setup():
+            _extract_endpoint_context(test_route_setup)
+        """,
+    )
+    run(pytester, "--loopguard", "--loopguard-scope=*").assert_outcomes(passed=1)
+    pytester.makeini(INI + "loopguard_default_allow = false\n")
+    run(pytester, "--loopguard", "--loopguard-scope=*").assert_outcomes(failed=1)
