@@ -224,6 +224,13 @@ DEFAULT_ALLOW: tuple[Allow, ...] = (
         reason="handing work to a thread pool",
     ),
     Allow(
+        "concurrent.futures._base",
+        calls=("threading.Condition.__enter__", "threading.RLock.acquire", "threading.Lock.acquire"),
+        direct=True,
+        reason="a future's own condition, never held across a wait: refusing it leaves the "
+        "future unset and its waiter hung",
+    ),
+    Allow(
         "fastapi.routing",
         "_extract_endpoint_context",
         calls=("os.stat", "os.lstat", "open"),
@@ -760,21 +767,42 @@ def _p_poll(original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any
     return _RUN if timeout is not None and timeout == 0 else _BLOCKS
 
 
+# A lock another thread holds for a short critical section (a future's condition, an
+# Event's, a queue's mutex) is free again within microseconds: waiting that long is not
+# blocking. Refusing it instead would break the other thread's protocol (a future the
+# loop never completes leaves its waiter hung for ever), so a lock counts as blocking
+# only once it stayed taken for this long.
+_LOCK_GRACE = 0.005
+
+
+def _within_grace(acquire: Callable[..., Any], *args: Any) -> bool:
+    """Try a lock for the grace period, unguarded (a semaphore waits on a condition)."""
+    state = _state
+    if state.busy:
+        return bool(acquire(*args, True, _LOCK_GRACE))
+    state.busy = True
+    try:
+        return bool(acquire(*args, True, _LOCK_GRACE))
+    finally:
+        state.busy = False
+
+
 def _p_lock(original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     # original is the bound acquire of the real lock
     if not _arg(args, kwargs, 0, "blocking", True) or _arg(args, kwargs, 1, "timeout", -1) == 0:
         return _RUN
-    return True if original(False) else _BLOCKS
+    return True if original(False) or _within_grace(original) else _BLOCKS
 
 
 def _p_semaphore(original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if not _arg(args, kwargs, 1, "blocking", True) or _arg(args, kwargs, 2, "timeout", None) == 0:
         return _RUN
-    return True if original(args[0], False) else _BLOCKS
+    return True if original(args[0], False) or _within_grace(original, args[0]) else _BLOCKS
 
 
 def _p_condition_enter(original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return True if args[0]._lock.acquire(False) else _BLOCKS
+    lock = args[0]._lock
+    return True if lock.acquire(False) or _within_grace(lock.acquire) else _BLOCKS
 
 
 def _p_timeout(index: int) -> Probe:

@@ -715,3 +715,79 @@ def test_framework_internals_allowed_by_default(pytester: pytest.Pytester) -> No
     run(pytester, "--loopguard", "--loopguard-scope=*").assert_outcomes(passed=1)
     pytester.makeini(INI + "loopguard_default_allow = false\n")
     run(pytester, "--loopguard", "--loopguard-scope=*").assert_outcomes(failed=1)
+
+
+PORTAL_TEST = """
+import threading, time
+import anyio
+from anyio.from_thread import start_blocking_portal
+
+async def short():
+    await anyio.sleep(0.02)
+    return 1
+
+def in_thread(body):
+    box = {}
+    def worker():
+        try:
+            body(box)
+        except BaseException as exc:
+            box["exc"] = exc
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "hung: the future was never completed"
+    if "exc" in box:
+        raise box["exc"]
+    return box
+
+def portal_round_trip(box):
+    with start_blocking_portal() as portal:
+        fut = portal.start_task_soon(short)
+        # Held by the waiting side, as Future.result() and concurrent.futures.wait()
+        # hold it: the loop thread completes the future meanwhile.
+        with fut._condition:
+            time.sleep(0.06)  # the task ends meanwhile (its loop waits < the threshold)
+        box["result"] = fut.result()
+
+def test_portal_future_completes():
+    assert in_thread(portal_round_trip)["result"] == 1
+
+def test_portal_future_completes_under_blockbuster():
+    blockbuster = pytest.importorskip("blockbuster")
+    bb = blockbuster.BlockBuster()
+    bb.activate()
+    try:
+        assert in_thread(portal_round_trip)["result"] == 1
+    finally:
+        bb.deactivate()
+
+def test_short_critical_section_is_not_blocking():
+    async def main():
+        event = threading.Event()
+        holder_in = threading.Event()
+        def holder():
+            with event._cond:
+                holder_in.set()
+                time.sleep(0.002)  # a short critical section in another thread
+        t = threading.Thread(target=holder)
+        t.start()
+        holder_in.wait()
+        event.set()  # the loop thread takes the condition the holder has for 2 ms
+        await asyncio.to_thread(t.join)
+        assert event.is_set()
+    asyncio.run(main())
+"""
+
+
+def test_no_deadlock_completing_a_future_from_the_loop(pytester: pytest.Pytester) -> None:
+    """A future's condition held by its waiter never makes the loop's set_result fail.
+
+    The guard used to refuse the loop thread's ``with self._condition`` in
+    ``Future.set_result`` while the waiting thread held it: the future was never
+    completed and the waiter (anyio's ``BlockingPortal.call``, Starlette's
+    ``TestClient``) hung for ever.
+    """
+    write(pytester, PORTAL_TEST)
+    result = run(pytester, "--loopguard", "-p", "no:randomly")
+    result.assert_outcomes(passed=3)
