@@ -225,7 +225,11 @@ DEFAULT_ALLOW: tuple[Allow, ...] = (
     ),
     Allow(
         "concurrent.futures._base",
-        calls=("threading.Condition.__enter__", "threading.RLock.acquire", "threading.Lock.acquire"),
+        calls=(
+            "threading.Condition.__enter__",
+            "threading.RLock.acquire",
+            "threading.Lock.acquire",
+        ),
         direct=True,
         reason="a future's own condition, never held across a wait: refusing it leaves the "
         "future unset and its waiter hung",
