@@ -3,18 +3,26 @@
 See the documentation for the tutorial; this module only re-exports the public API.
 """
 
+import sys as _sys
+
+from . import _offload as _offload_package
 from ._api import current as current
 from ._api import install as install
 from ._api import uninstall as uninstall
 from ._api import watch as watch
-from ._attribution import attribute as attribute
-from ._attribution import unattribute as unattribute
-from ._blocking import Allow as Allow
-from ._blocking import BlockingCallError as BlockingCallError
-from ._blocking import BlockingGuard as BlockingGuard
+from ._blocking.guard import Allow as Allow
+from ._blocking.guard import BlockingCallError as BlockingCallError
+from ._blocking.guard import BlockingGuard as BlockingGuard
 from ._config import Config as Config
-from ._loopstats import LoopStatsSnapshot as LoopStatsSnapshot
-from ._watchdog import Watchdog as Watchdog
+from ._core.attribution import attribute as attribute
+from ._core.attribution import unattribute as unattribute
+from ._offload.offload import checkpoint as checkpoint
+from ._offload.offload import offload as offload
+from ._offload.offload import set_offload_limit as set_offload_limit
+from ._offload.offload import yielding as yielding
+from ._version import __version__ as __version__
+from ._watchdog.loopstats import LoopStatsSnapshot as LoopStatsSnapshot
+from ._watchdog.watchdog import Watchdog as Watchdog
 from .events import BlockingCall as BlockingCall
 from .events import Event as Event
 from .events import Frame as Frame
@@ -24,17 +32,15 @@ from .events import Offloaded as Offloaded
 from .events import SlowCallback as SlowCallback
 from .events import StackSample as StackSample
 from .events import Stall as Stall
-from .offload import checkpoint as checkpoint
-from .offload import offload as offload
-from .offload import set_offload_limit as set_offload_limit
-from .offload import yielding as yielding
 from .sinks import CallbackSink as CallbackSink
 from .sinks import JsonLinesSink as JsonLinesSink
 from .sinks import LoggingSink as LoggingSink
 from .sinks import RecordingSink as RecordingSink
 from .sinks import Sink as Sink
 
-__version__ = "0.1.0"
+# ``from loopguard.offload import DEFAULT_BUDGET`` keeps working, while the name
+# ``loopguard.offload`` itself is (and stays) the decorator, not a module.
+_sys.modules[__name__ + ".offload"] = _offload_package
 
 __all__ = [
     "Allow",

@@ -13,8 +13,8 @@ import sys
 
 from ._api import install_config
 from ._config import Config
-from ._watchdog import Watchdog
-from .sinks import _where
+from ._core.frames import where
+from ._watchdog.watchdog import Watchdog
 
 __all__ = ["boot", "format_summary"]
 
@@ -81,7 +81,7 @@ def format_summary(wd: Watchdog) -> str:
         lines += _capped(
             [
                 f"  {r.count:>5}  {r.total:>7.3f}s  {r.max:>7.3f}s  "
-                + (_where(r.culprit) if r.culprit else "(not sampled / other)")
+                + (where(r.culprit) if r.culprit else "(not sampled / other)")
                 for r in rows
             ],
             "culprits",
@@ -93,7 +93,7 @@ def format_summary(wd: Watchdog) -> str:
         lines += _capped(
             [
                 f"  {c.count:>5}  {c.total:>7.3f}s  {c.function}, "
-                + (_where(c.culprit) if c.culprit else "(unknown)")
+                + (where(c.culprit) if c.culprit else "(unknown)")
                 for c in calls
             ],
             "call sites",

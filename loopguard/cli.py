@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 
@@ -219,7 +219,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from ._stats import StallSummary
+    from ._watchdog.summary import StallSummary
     from .events import Frame, Stall
 
     summary = StallSummary(max_culprits=1000)

@@ -305,7 +305,7 @@ _failed: set[str] = set()
 
 def _version() -> str:
     try:
-        from . import __version__
+        from ._version import __version__
     except ImportError:  # pragma: no cover - loopguard/__init__ always defines it
         return ""
     return __version__

@@ -32,12 +32,12 @@ from typing import Any
 
 import pytest
 
-from ._blocking import Allow, BlockingGuard, format_rules
+from ._blocking.guard import Allow, BlockingGuard, format_rules
 from ._config import Config
-from ._sampling import callback_frames, culprit_of
-from ._watchdog import Watchdog
+from ._core.frames import callback_frames, culprit_of, where
+from ._watchdog.watchdog import Watchdog
 from .events import BlockingCall, Event, Frame, StackSample, Stall
-from .sinks import CallbackSink, _where
+from .sinks import CallbackSink
 from .testing import LoopEvents, describe, settle
 
 __all__ = ["LoopguardPlugin"]
@@ -409,7 +409,8 @@ class LoopguardPlugin:
         @functools.wraps(function)
         async def test(*args: Any, **kwargs: Any) -> Any:
             before = _asyncio_tasks()
-            with _trio_heartbeat(plugin.watchdog):
+            wd = plugin.watchdog
+            with wd.watching_trio_task_run() if wd is not None else contextlib.nullcontext():
                 result = await function(*args, **kwargs)
             if settings.pending_tasks and before is not None:
                 await asyncio.sleep(0)  # let tasks that just finished be done
@@ -508,7 +509,7 @@ class LoopguardPlugin:
         if self._used and (self._warned or self.config.getoption("verbose") > 0):
             terminalreporter.write_line(f"loopguard scope: {self.scope}")
         if self._rule_hits:
-            from ._blocking import RuleHits
+            from ._blocking.guard import RuleHits
 
             rows = [
                 RuleHits(Allow.parse(rule), hits, False) for rule, hits in self._rule_hits.items()
@@ -672,43 +673,8 @@ def _describe_tasks(tasks: list[asyncio.Task[Any]]) -> str:
             Frame(f.f_code.co_filename, f.f_lineno or 0, f.f_code.co_name) for f in task.get_stack()
         )
         at = culprit_of(stack)
-        where = f", suspended at {_where(at)}" if at is not None else ""
-        lines.append(f"  task {task.get_name()!r} running {name}(){where}")
+        suspended = f", suspended at {where(at)}" if at is not None else ""
+        lines.append(f"  task {task.get_name()!r} running {name}(){suspended}")
     if len(tasks) > 20:
         lines.append(f"  ... {len(tasks) - 20} more")
     return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def _trio_heartbeat(wd: Watchdog | None) -> Iterator[None]:
-    """A heartbeat for a trio run the watchdog does not know, while the test runs.
-
-    anyio's trio test runner drives trio in guest mode, between its own calls; the
-    run is idle (not late) while pytest works in between, so the heartbeat must only
-    tick while the test coroutine runs.
-    """
-    trio = sys.modules.get("trio")
-    watch = None
-    if wd is not None and trio is not None:
-        try:
-            if trio.lowlevel.in_trio_task():
-                attached = wd._attach_safely(trio.lowlevel.current_trio_token(), "trio")
-                if attached is not None:
-                    watch = attached[1]
-                    trio.lowlevel.spawn_system_task(_beat, watch, name="loopguard-test-heartbeat")
-        except Exception:
-            watch = None
-    try:
-        yield
-    finally:
-        if watch is not None and wd is not None:
-            wd._detach(watch)
-
-
-async def _beat(watch: Any) -> None:
-    import trio
-
-    while watch.attached:
-        await trio.sleep(watch.period)
-        if watch.attached:
-            watch.stamp()

@@ -18,7 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
-from .events import BlockingCall, Event, Frame, Stall, short_path
+from ._core.frames import PLUMBING, classify, own_part
+from ._core.frames import where as _where
+from .events import BlockingCall, Event, Frame, Stall
 
 __all__ = [
     "CallbackSink",
@@ -99,23 +101,9 @@ def _gc_text(stall: Stall) -> str:
     )
 
 
-def _where(frame: Frame) -> str:
-    return f"{short_path(frame.file)}:{frame.line} in {frame.function}"
-
-
 def _stack_lines(frames: tuple[Frame, ...], culprit: Frame | None, limit: int) -> list[str]:
-    from ._sampling import PLUMBING, classify
-
     # The blocking-call guard's own frames under a call it checked say nothing.
-    here = os.path.dirname(os.path.abspath(__file__))
-    while (
-        len(frames) > 1
-        and os.path.dirname(os.path.abspath(frames[-1].file)) == here
-        and (
-            os.path.basename(frames[-1].file) in ("_blocking.py", "_patch.py")
-            or os.path.basename(frames[-1].file).startswith("<guard of ")
-        )
-    ):
+    while len(frames) > 1 and own_part(frames[-1].file) in ("_blocking", "_core"):
         frames = frames[:-1]
     cut = frames.index(culprit) if culprit in frames else len(frames) - 1
     out: list[str] = []

@@ -16,13 +16,11 @@ Under pytest, the plugin's ``loopguard_events`` fixture gives a test the same
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterable, Iterator
-from typing import Any
 
-from ._blocking import Allow, BlockingGuard, Mode
+from ._blocking.guard import Allow, BlockingGuard, Mode
 from ._config import Config
-from ._watchdog import Watchdog
+from ._watchdog.watchdog import Watchdog
 from .events import BlockingCall, Event, Stall
 from .sinks import CallbackSink, RecordingSink, format_blocking_call, format_stall
 
@@ -98,25 +96,7 @@ def settle(wd: Watchdog, timeout: float = 1.0) -> bool:
     Returns:
         False if the sampler still had work after ``timeout``.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        watches: Any = getattr(wd, "_watches", None)
-        if watches is None:  # a watchdog without the expected internals: wait a period
-            time.sleep(2 * wd.config.period)
-            return True
-        busy = [
-            w
-            for w in list(watches)
-            if not getattr(w, "attached", True) or getattr(w, "pending", None)
-        ]
-        if not busy:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        wake = getattr(wd, "_wake", None)
-        if wake is not None:
-            wake.set()
-        time.sleep(0.001)
+    return wd.flush(timeout)
 
 
 @contextlib.contextmanager

@@ -696,7 +696,7 @@ def _communicate(ctx: Ctx) -> Call:
 # -- threading, queue, futures -------------------------------------------------------------
 
 
-def _held(ctx: Ctx, lock: Any, seconds: float = 0.03) -> None:
+def _held(ctx: Ctx, lock: Any, seconds: float = 0.15) -> None:
     """Hold ``lock`` in a helper thread for a while (until then, acquiring it waits)."""
     ready = threading.Event()
 

@@ -11,7 +11,7 @@ import pytest
 from helpers import sleepy
 
 import loopguard
-from loopguard._attribution import MAX_ATTRIBUTES, MAX_VALUE_LENGTH
+from loopguard._core.attribution import MAX_ATTRIBUTES, MAX_VALUE_LENGTH
 
 # These tests block event loops on purpose: the plugin must not fail them.
 pytestmark = pytest.mark.loopguard(enabled=False)

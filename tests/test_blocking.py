@@ -24,7 +24,7 @@ from helpers import line_of
 
 import loopguard
 from loopguard import Allow, BlockingCall, BlockingCallError, BlockingGuard, RecordingSink
-from loopguard._blocking import DEFAULT_ALLOW, format_rules, running_guards
+from loopguard._blocking.guard import DEFAULT_ALLOW, format_rules, running_guards
 
 pytestmark = pytest.mark.loopguard(blocking="off")  # these tests block loops on purpose
 
@@ -546,7 +546,7 @@ def test_listener_that_raises_is_logged_and_the_call_goes_on(
 def test_guard_internal_failure_lets_the_call_through(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import loopguard._blocking as blocking
+    import loopguard._blocking.guard as blocking
 
     def broken(*args: object) -> object:
         raise RuntimeError("internal bug")

@@ -32,8 +32,8 @@ import loopguard
 import loopguard.sinks
 import loopguard.testing
 from loopguard import Frame, Stall
-from loopguard._causes import CpuSnapshot, _original_arm, diagnose, parse_dump
-from loopguard._sampling import StackFolder
+from loopguard._watchdog.causes import CpuSnapshot, _original_arm, diagnose, parse_dump
+from loopguard._watchdog.sampling import StackFolder
 
 # These tests block event loops on purpose: the plugin must not fail them.
 pytestmark = pytest.mark.loopguard(enabled=False)
@@ -293,7 +293,7 @@ def test_a_foreign_timer_seen_by_an_earlier_watchdog_does_not_disable_later_ones
 def test_gil_dump_warns_once_per_process(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import loopguard._watchdog as watchdog_module
+    import loopguard._watchdog.watchdog as watchdog_module
 
     monkeypatch.setattr(watchdog_module, "_gil_dump_warned", False)
     with caplog.at_level(logging.WARNING, logger="loopguard"):
@@ -311,7 +311,7 @@ def test_gil_dump_warns_once_per_process(
 def test_a_dump_read_before_start_is_never_used_for_a_new_stall(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from loopguard._watchdog import _DUMP
+    from loopguard._watchdog.watchdog import _DUMP
 
     # As if an earlier watchdog's dump (a GIL hog of another test) had been read.
     stale = {1: (Frame("old.py", 1, "old_hog"),)}

@@ -739,7 +739,7 @@ async def test_adaptive_inline_exceptions_and_failed_reports(
         raise OSError("sink gone")
 
     # loopguard.offload is the decorator; its module is reached through sys.modules.
-    monkeypatch.setattr(sys.modules["loopguard.offload"], "_report", broken_report)
+    monkeypatch.setattr(sys.modules["loopguard._offload.offload"], "_report", broken_report)
     adaptive = loopguard.offload(adaptive=0.01)(slow_failure)
     with pytest.raises(RuntimeError, match="inline failure") as info:
         await adaptive()

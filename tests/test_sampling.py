@@ -8,15 +8,8 @@ import os
 import sysconfig
 
 from loopguard import Frame, Stall
-from loopguard._sampling import (
-    LIBRARY,
-    MAX_STACKS,
-    PLUMBING,
-    USER,
-    StackFolder,
-    classify,
-    culprit_of,
-)
+from loopguard._core.frames import LIBRARY, PLUMBING, USER, classify, culprit_of
+from loopguard._watchdog.sampling import MAX_STACKS, StackFolder
 from loopguard.sinks import format_stall
 
 STDLIB = sysconfig.get_paths()["stdlib"]

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .events import Frame, SlowCallback
+from ..events import Frame, SlowCallback
 
 __all__ = ["PreciseTimer", "describe"]
 

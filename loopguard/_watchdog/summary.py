@@ -10,7 +10,7 @@ import math
 import threading
 from dataclasses import dataclass
 
-from .events import BlockingCall, Frame, Stall
+from ..events import BlockingCall, Frame, Stall
 
 __all__ = ["CallSiteStats", "CulpritStats", "DelayHistogram", "StallSummary"]
 

@@ -40,11 +40,11 @@ from dataclasses import dataclass
 from types import CodeType, FrameType, ModuleType
 from typing import Any, ClassVar, Literal, NamedTuple
 
-from . import metrics
-from ._patch import ReplacePatch, cancel_import_hook, when_imported
-from ._sampling import callback_frames, capture, culprit_of
-from .events import BlockingCall, Frame
-from .sinks import LoggingSink, Sink, SinkSet
+from .. import metrics
+from .._core.frames import callback_frames, capture, culprit_of, is_own, own_part
+from .._core.patch import ReplacePatch, cancel_import_hook, when_imported
+from ..events import BlockingCall, Frame
+from ..sinks import LoggingSink, Sink, SinkSet
 
 __all__ = [
     "Allow",
@@ -65,9 +65,6 @@ _STRENGTH = {"record": 1, "warn": 2, "raise": 3}
 _grl = asyncio._get_running_loop
 _get_ident = _thread.get_ident
 _perf_counter = time.perf_counter
-_GLOBALS = globals()
-# loopguard modules that are applications, not instrumentation: their calls are checked.
-_APP_MODULES = frozenset({"loopguard._demo"})
 
 # Threads inside trio.run / a trio guest run, with a nesting count. Mutated under
 # _trio_lock; read without it on the fast path (an empty dict is all it asks).
@@ -394,12 +391,12 @@ def _verdict(
     if found is None:
         return _RUN
     frame: FrameType | None = sys._getframe(2)
-    while frame is not None and frame.f_globals is _GLOBALS:  # ours, generated ones too
+    # Past the guard's own frames (generated replacements included) to the caller.
+    while frame is not None and own_part(frame.f_code.co_filename) == "_blocking":
         frame = frame.f_back
     if frame is None:
         return _RUN
-    module = frame.f_globals.get("__name__") or ""
-    if (module == "loopguard" or module.startswith("loopguard.")) and module not in _APP_MODULES:
+    if is_own(frame.f_code.co_filename):
         return _ALLOWED  # loopguard's own waits (stopping a sampler, writing a sink)
     stack_info = _StackInfo(frame)
     plan: list[tuple[BlockingGuard, str, int | None]] = []
@@ -623,8 +620,8 @@ def _mirror(entry: _Entry, original: Callable[..., Any]) -> Callable[..., Any] |
     body.append("    return guarded")
     source = "def _make(_o, _e, _M):\n" + "\n".join(body)
     scope: dict[str, Any] = {}
-    # A file name inside the package: stack readers count these frames as loopguard's,
-    # and linecache shows the generated source in tracebacks.
+    # A file name inside this subpackage: frames.own_part() counts these frames as the
+    # guard's, and linecache shows the generated source in tracebacks.
     filename = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"<guard of {entry.name}>")
     try:
         code = compile(source, filename, "exec")

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from typing import Any
 
-from .events import GcPause
+from ..events import GcPause
 
 __all__ = ["GC", "GcWatch"]
 

@@ -50,9 +50,9 @@ import anyio.lowlevel
 import anyio.to_process
 import anyio.to_thread
 
-from . import _watchdog, metrics
-from .events import Frame, Offloaded
-from .sinks import LoggingSink
+from .. import metrics
+from .._watchdog import running
+from ..events import Frame, Offloaded
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -581,14 +581,11 @@ def _task_name() -> str | None:
 
 def _report(event: Offloaded) -> None:
     """Log the switch and hand the event to every running watchdog's sinks."""
-    sink_sets = [wd.sinks for wd in list(_watchdog._running)]
-    if not any(isinstance(s, LoggingSink) for sinks in sink_sets for s in sinks.sinks):
+    watchdogs = running()
+    if not any(wd.logs for wd in watchdogs):
         logger.warning("%s", event)
-    for sinks in sink_sets:
-        # Sinks may write files or call user code: never on the loop thread.
-        threading.Thread(
-            target=sinks.emit, args=(event,), name="loopguard-report", daemon=True
-        ).start()
+    for wd in watchdogs:
+        wd.report(event)
 
 
 # -- limits ----------------------------------------------------------------------------

@@ -1,46 +1,79 @@
-"""Reading a thread's stack from another thread, folding samples, naming the culprit.
+"""Frames: which code is loopguard's own, which is plumbing, and which line to blame.
 
-This module owns the rule for "user code": a frame is *plumbing* when it belongs to
-loopguard itself, to the standard library, or to an event-loop framework (asyncio,
-uvloop, anyio, trio, sniffio). A frame in another installed package is *library*
-code; anything else is the user's. The culprit of a stall is the deepest user frame
-of the most sampled stack, else the deepest library frame, else the deepest frame.
+This module owns two rules every subsystem uses:
 
-Only file names, line numbers and function names are kept; frame objects are
-dropped before a function returns, so no local variable outlives a sample.
+* **Own code.** :func:`own_part` says which part of loopguard a code file belongs to
+  (``"_blocking"``, ``"_watchdog"``, ``"sinks"``, ...), or ``None`` for code that is
+  not loopguard's: user code, and loopguard's own demo application. Nothing else in
+  the package recognises its frames by file name or by module globals.
+* **User code.** A frame is *plumbing* when it belongs to loopguard itself, to the
+  standard library, or to an event-loop framework (asyncio, uvloop, anyio, trio,
+  sniffio, and pytest's runner). A frame in another installed package is *library*
+  code; anything else is the user's. The culprit of a stack is its deepest user frame,
+  else its deepest library frame, else its deepest frame.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import sysconfig
-import threading
-from collections import Counter
 from collections.abc import Iterable
 from functools import lru_cache
 from types import FrameType
 
-from .events import Frame, StackSample
+from ..events import Frame, short_path
 
 __all__ = [
+    "LIBRARY",
     "MAX_DEPTH",
-    "MAX_STACKS",
-    "StackFolder",
+    "PLUMBING",
+    "USER",
     "callback_frames",
     "capture",
+    "classify",
     "culprit_of",
     "is_idle",
+    "is_own",
+    "own_part",
+    "where",
 ]
 
 #: Frames kept per sample (the innermost ones: that is where the culprit is).
 MAX_DEPTH = 64
-#: Distinct stacks kept per stall; further distinct stacks are only counted.
-MAX_STACKS = 32
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-# Modules of loopguard that are applications, not plumbing: their frames may be culprits.
-_APP_MODULES = frozenset({os.path.join(_PACKAGE_DIR, "_demo.py")})
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+# Modules of loopguard that are applications, not instrumentation: user code.
+_APP_MODULES = frozenset({"_demo"})
+
+
+@lru_cache(maxsize=4096)
+def own_part(filename: str) -> str | None:
+    """The part of loopguard a code file belongs to, or ``None`` if it is not loopguard's.
+
+    The part is the subpackage or top-level module (``"_blocking"``, ``"_watchdog"``,
+    ``"_core"``, ``"sinks"``, ...). Code generated at run time names a file inside the
+    part that generated it. loopguard's demo application counts as user code.
+    """
+    if filename.startswith("<"):
+        return None
+    path = os.path.abspath(filename)
+    if not path.startswith(_PACKAGE_DIR):
+        return None
+    part = path[len(_PACKAGE_DIR) :].split(os.sep, 1)[0]
+    part = part[:-3] if part.endswith(".py") else part
+    return None if part in _APP_MODULES else part
+
+
+def is_own(filename: str) -> bool:
+    """True when a code file is loopguard's own instrumentation (see :func:`own_part`)."""
+    return own_part(filename) is not None
+
+
+def where(frame: Frame) -> str:
+    """``file:line in function``, the file relative to the current directory if under it."""
+    return f"{short_path(frame.file)}:{frame.line} in {frame.function}"
+
+
 _LOOP_PACKAGES = ("asyncio", "uvloop", "anyio", "trio", "sniffio", "_pytest", "pluggy")
 
 
@@ -63,7 +96,7 @@ def classify(filename: str) -> int:
         return PLUMBING if filename.startswith("<frozen") else USER
     path = os.path.abspath(filename)
     if path.startswith(_PACKAGE_DIR):
-        return USER if path in _APP_MODULES else PLUMBING
+        return PLUMBING if is_own(filename) else USER
     site = next((p for p in _SITE if path.startswith(p)), None)
     if site is None and "site-packages" + os.sep in path:
         site = path[: path.index("site-packages" + os.sep) + len("site-packages" + os.sep)]
@@ -98,35 +131,11 @@ def capture(frame: FrameType | None, max_depth: int = MAX_DEPTH) -> tuple[Frame,
     return tuple(out)
 
 
-def sample_threads(
-    thread_id: int, others_if_idle: bool = True
-) -> tuple[tuple[Frame, ...], dict[int, tuple[Frame, ...]] | None]:
-    """Sample another thread's stack; if it is idle, also every other thread's.
-
-    Returns:
-        The thread's stack (empty if it is gone) and, when that stack shows an idle
-        loop and ``others_if_idle`` is set, the stacks of all other threads.
-    """
-    frames = sys._current_frames()
-    try:
-        stack = capture(frames.get(thread_id))
-        others = None
-        if others_if_idle and is_idle(stack):
-            me = threading.get_ident()
-            others = {i: capture(f) for i, f in frames.items() if i not in (thread_id, me)}
-        return stack, others
-    finally:
-        del frames
-
-
-_WATCHDOG_FILE = os.path.join(_PACKAGE_DIR, "_watchdog.py")
-
-
 def _is_dispatch(frame: Frame) -> bool:
-    # The frame below which the loop runs callbacks: loopguard's run_forever wrapper
+    # The frame below which the loop runs callbacks: the watchdog's run_forever wrapper
     # (asyncio, uvloop) or trio's run loop.
     if frame.function == "_run_forever":
-        return os.path.abspath(frame.file) == _WATCHDOG_FILE
+        return own_part(frame.file) == "_watchdog"
     return frame.function == "unrolled_run" and frame.file.endswith(
         os.path.join("trio", "_core", "_run.py")
     )
@@ -169,37 +178,3 @@ def culprit_of(stack: Iterable[Frame]) -> Frame | None:
         if rank >= best_rank:
             best, best_rank = frame, rank
     return best
-
-
-class StackFolder:
-    """Counts identical stacks, keeping at most :data:`MAX_STACKS` distinct ones."""
-
-    __slots__ = ("_counts", "overflow", "total")
-
-    def __init__(self) -> None:
-        self._counts: Counter[tuple[Frame, ...]] = Counter()
-        self.total = 0
-        self.overflow = 0
-
-    def add(self, stack: tuple[Frame, ...]) -> None:
-        """Count one sample."""
-        self.total += 1
-        if stack in self._counts or len(self._counts) < MAX_STACKS:
-            self._counts[stack] += 1
-        else:
-            self.overflow += 1
-
-    def folded(self) -> tuple[StackSample, ...]:
-        """Return the distinct stacks, most frequent first."""
-        return tuple(StackSample(n, s) for s, n in self._counts.most_common())
-
-    def culprit(self) -> Frame | None:
-        """Return the culprit of the most sampled stack, if any was sampled."""
-        if not self._counts:
-            return None
-        ((stack, _),) = self._counts.most_common(1)
-        return culprit_of(callback_frames(stack)) or culprit_of(stack)
-
-    def top(self) -> tuple[Frame, ...]:
-        """The most sampled stack (empty if nothing was sampled)."""
-        return self._counts.most_common(1)[0][0] if self._counts else ()

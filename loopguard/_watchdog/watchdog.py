@@ -29,23 +29,17 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
-from . import metrics
-from ._attribution import attributes_of
-from ._blocking import BlockingGuard, call_during
-from ._callbacks import TIMER
-from ._causes import DUMP, CpuClocks, CpuSnapshot, diagnose
-from ._config import Config
-from ._gcwatch import GC
-from ._loopstats import LoopStats, LoopStatsSnapshot
-from ._patch import Patch, cancel_import_hook, when_imported
-from ._sampling import StackFolder, sample_threads
-from ._stats import DelayHistogram, StallSummary
-from .events import Event, Frame, SlowCallback, Stall
-from .metrics import (
+from .. import metrics
+from .._blocking.guard import BlockingGuard, call_during
+from .._config import Config
+from .._core.attribution import attributes_of
+from .._core.patch import Patch, cancel_import_hook, when_imported
+from ..events import Event, Frame, SlowCallback, Stall
+from ..metrics import (
     EVENTLOOP_DELAY,
     EVENTLOOP_PENDING_CALLBACKS,
     EVENTLOOP_SLOW_CALLBACKS,
@@ -55,10 +49,16 @@ from .metrics import (
     EVENTLOOP_TIME,
     EVENTLOOP_UTILIZATION,
 )
-from .metrics import record as _record
-from .sinks import CallbackSink, JsonLinesSink, LoggingSink, RecordingSink, Sink, SinkSet
+from ..metrics import record as _record
+from ..sinks import CallbackSink, JsonLinesSink, LoggingSink, RecordingSink, Sink, SinkSet
+from .causes import DUMP, CpuClocks, CpuSnapshot, diagnose
+from .gcwatch import GC
+from .loopstats import LoopStats, LoopStatsSnapshot
+from .precise import TIMER
+from .sampling import StackFolder, sample_threads
+from .summary import DelayHistogram, StallSummary
 
-__all__ = ["Watchdog"]
+__all__ = ["Watchdog", "running"]
 
 logger = logging.getLogger("loopguard")
 _monotonic = time.monotonic
@@ -144,6 +144,18 @@ class _LoopWatch:
         return items
 
 
+async def _trio_beat(watch: _LoopWatch) -> None:
+    """The heartbeat of a trio run: a system task that stamps while the watch lasts."""
+    import trio
+
+    while watch.attached:
+        await trio.sleep(watch.period)
+        if watch.attached:
+            watch.stamp()
+            if watch.stats is not None:
+                watch.stats.trio_stats = trio.lowlevel.current_statistics()
+
+
 class _Ongoing:
     """A stall the sampler is watching while it lasts."""
 
@@ -162,6 +174,11 @@ class _Ongoing:
 # Watchdogs that are running; the loop hooks attach each of them to every new loop.
 _running: list[Watchdog] = []
 _running_lock = threading.RLock()
+
+
+def running() -> tuple[Watchdog, ...]:
+    """The watchdogs running now, in the order they started."""
+    return tuple(_running)
 
 
 def _run_forever(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
@@ -380,6 +397,70 @@ class Watchdog:
             watches = [w for w in self._watches if w.attached and w.stats is not None]
         return [w.stats.snapshot("api") for w in watches if w.stats is not None]
 
+    def flush(self, timeout: float = 1.0) -> bool:
+        """Wait until stalls of loops that just stopped have been reported.
+
+        A stall that ends with its loop stopping (the last callback of
+        ``run_until_complete`` blocked) is reported by the sampler thread right after.
+
+        Args:
+            timeout: Seconds to wait at most.
+
+        Returns:
+            False if the sampler still had work after ``timeout``.
+        """
+        deadline = _monotonic() + timeout
+        while True:
+            with self._lock:
+                busy = [w for w in self._watches if not w.attached or w.pending]
+            if not busy or not self.running:
+                return True
+            if _monotonic() >= deadline:
+                return False
+            self._wake.set()
+            time.sleep(0.001)
+
+    @property
+    def logs(self) -> bool:
+        """True when the watchdog logs what it reports (a LoggingSink is among its sinks)."""
+        return any(isinstance(s, LoggingSink) for s in self.sinks.sinks)
+
+    def report(self, event: Event) -> None:
+        """Hand an event reported elsewhere (an adaptive offload switch) to the sinks.
+
+        Sinks may write files or call user code, so they run on a short-lived thread:
+        the caller, often the loop thread, never waits for them.
+        """
+        threading.Thread(
+            target=self.sinks.emit, args=(event,), name="loopguard-report", daemon=True
+        ).start()
+
+    @contextlib.contextmanager
+    def watching_trio_task_run(self) -> Iterator[None]:
+        """Watch the trio run of the calling trio task while the block runs.
+
+        For trio runs the run hook does not see: anyio's pytest runner drives trio in
+        guest mode between its own calls, so the run is idle, not late, while the
+        runner works in between; the heartbeat ticks only inside the block. Outside a
+        trio task (or while the watchdog is stopped) this does nothing.
+        """
+        trio = sys.modules.get("trio")
+        watch = None
+        try:
+            if self.running and trio is not None and trio.lowlevel.in_trio_task():
+                attached = self._attach_safely(trio.lowlevel.current_trio_token(), "trio")
+                if attached is not None:
+                    watch = attached[1]
+                    trio.lowlevel.spawn_system_task(_trio_beat, watch, name="loopguard-heartbeat")
+        except Exception:
+            logger.exception("loopguard could not watch this trio run")
+            watch = None
+        try:
+            yield
+        finally:
+            if watch is not None:
+                self._detach(watch)
+
     # -- attaching loops -------------------------------------------------------------
 
     def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -438,15 +519,10 @@ class Watchdog:
         attached = self._attach_safely(trio.lowlevel.current_trio_token(), "trio")
         if attached is None:
             return
-        watch = attached[1]
         try:
-            while True:
-                await trio.sleep(watch.period)
-                watch.stamp()
-                if watch.stats is not None:
-                    watch.stats.trio_stats = trio.lowlevel.current_statistics()
+            await _trio_beat(attached[1])
         finally:
-            self._detach(watch)
+            self._detach(attached[1])
 
     def _attach_running_loops(self) -> None:
         try:

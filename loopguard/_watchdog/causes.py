@@ -27,9 +27,10 @@ import threading
 import time
 from typing import IO, Any
 
-from ._patch import Patch
-from ._sampling import PLUMBING, StackFolder, callback_frames, classify, culprit_of, is_idle
-from .events import Frame, Hog, StackSample
+from .._core.frames import PLUMBING, callback_frames, classify, culprit_of, is_idle
+from .._core.patch import Patch
+from ..events import Frame, Hog, StackSample
+from .sampling import StackFolder
 
 __all__ = [
     "DUMP",
