@@ -8,9 +8,9 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from ._blocking.guard import Allow
+from ._blocking import Allow
 from ._config import BlockingMode, Config
-from ._watchdog.watchdog import Watchdog
+from ._watchdog import Watchdog
 from .events import Event
 from .sinks import Sink
 

@@ -14,7 +14,7 @@ import sys
 from ._api import install_config
 from ._config import Config
 from ._core.frames import where
-from ._watchdog.watchdog import Watchdog
+from ._watchdog import Watchdog
 
 __all__ = ["boot", "format_summary"]
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from ._blocking.guard import Allow
+from ._blocking import Allow
 from .events import Event
 from .sinks import Sink
 

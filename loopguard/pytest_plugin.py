@@ -32,10 +32,10 @@ from typing import Any
 
 import pytest
 
-from ._blocking.guard import Allow, BlockingGuard, format_rules
+from ._blocking import Allow, BlockingGuard, format_rules
 from ._config import Config
 from ._core.frames import callback_frames, culprit_of, where
-from ._watchdog.watchdog import Watchdog
+from ._watchdog import Watchdog
 from .events import BlockingCall, Event, Frame, StackSample, Stall
 from .sinks import CallbackSink
 from .testing import LoopEvents, describe, settle
@@ -509,7 +509,7 @@ class LoopguardPlugin:
         if self._used and (self._warned or self.config.getoption("verbose") > 0):
             terminalreporter.write_line(f"loopguard scope: {self.scope}")
         if self._rule_hits:
-            from ._blocking.guard import RuleHits
+            from ._blocking import RuleHits
 
             rows = [
                 RuleHits(Allow.parse(rule), hits, False) for rule, hits in self._rule_hits.items()

@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 
-from ._blocking.guard import Allow, BlockingGuard, Mode
+from ._blocking import Allow, BlockingGuard, Mode
 from ._config import Config
-from ._watchdog.watchdog import Watchdog
+from ._watchdog import Watchdog
 from .events import BlockingCall, Event, Stall
 from .sinks import CallbackSink, RecordingSink, format_blocking_call, format_stall
 

@@ -24,7 +24,7 @@ from helpers import line_of
 
 import loopguard
 from loopguard import Allow, BlockingCall, BlockingCallError, BlockingGuard, RecordingSink
-from loopguard._blocking.guard import DEFAULT_ALLOW, format_rules, running_guards
+from loopguard._blocking import DEFAULT_ALLOW, format_rules, running_guards
 
 pytestmark = pytest.mark.loopguard(blocking="off")  # these tests block loops on purpose
 

@@ -11,7 +11,7 @@ import pytest
 from blocking_cases import CASES, NEEDS, Servers, Skip, prepared
 
 import loopguard
-from loopguard._blocking.guard import catalogue
+from loopguard._blocking import catalogue
 
 # These tests make blocking calls on the loop on purpose (some take a while).
 pytestmark = pytest.mark.loopguard(blocking="off", threshold=1)

@@ -34,7 +34,7 @@ from types import ModuleType
 from typing import Any
 
 from .. import metrics
-from .._blocking.guard import BlockingGuard, call_during
+from .._blocking import BlockingGuard, call_during
 from .._config import Config
 from .._core.attribution import attributes_of
 from .._core.patch import Patch, cancel_import_hook, when_imported
