@@ -135,3 +135,31 @@ def test_stats_are_off_by_default() -> None:
     stats, selector_vars = asyncio.run(main())
     assert stats == []
     assert "select" not in selector_vars
+
+
+def test_delay_metric_continues_when_the_first_of_two_watchdogs_stops(
+    reader: InMemoryMetricReader,
+) -> None:
+    """The loop-delay metric is one watchdog's duty per loop, and passes on when it stops."""
+    first = loopguard.watch(threshold=0.1).start()
+    second = loopguard.watch(threshold=0.1).start()
+
+    def heartbeats() -> int:
+        found = collect(reader)
+        metric = found.get("asyncio.eventloop.delay")
+        return sum(p.count for p in points(metric)) if metric is not None else 0
+
+    async def main() -> tuple[int, int]:
+        await asyncio.sleep(0.2)
+        first.stop()
+        before = heartbeats()
+        await asyncio.sleep(0.3)  # ~15 heartbeats of the remaining watchdog
+        return before, heartbeats()
+
+    try:
+        before, after = asyncio.run(main())
+    finally:
+        first.stop()
+        second.stop()
+    assert before >= 5
+    assert after - before >= 5, (before, after)

@@ -101,8 +101,9 @@ class _LoopWatch:
         self.attached = True
         self.detached_at = 0.0
         self.ongoing: _Ongoing | None = None  # sampler-only state
-        # One watchdog reports a loop's metrics, so two on one loop do not count twice.
-        self.reports = bool(_running) and _running[0] is wd
+        # One watchdog reports a loop's metrics, so two on one loop do not count twice;
+        # when it stops, another one watching the loop takes over (_hand_over).
+        self.reports = not any(w.reports for w in _watches_of(loop) if w.attached)
         self.stats: LoopStats | None = None
         if wd.config.stats:
             self.stats = LoopStats(loop, kind, self.thread_name)
@@ -179,6 +180,21 @@ _running_lock = threading.RLock()
 def running() -> tuple[Watchdog, ...]:
     """The watchdogs running now, in the order they started."""
     return tuple(_running)
+
+
+def _watches_of(loop: Any) -> list[_LoopWatch]:
+    """Every running watchdog's watch of ``loop``."""
+    return [w for wd in list(_running) for w in list(wd._watches) if w.loop is loop]
+
+
+def _hand_over(watches: list[_LoopWatch]) -> None:
+    """Pass the metric duty of loops a stopping watchdog reported to another watchdog."""
+    for watch in watches:
+        if watch.reports:
+            watch.reports = False
+            heir = next((w for w in _watches_of(watch.loop) if w.attached), None)
+            if heir is not None:
+                heir.reports = True
 
 
 def _run_forever(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
@@ -336,6 +352,8 @@ class Watchdog:
                 return
             self.running = False
             _running.remove(self)
+            with self._lock:
+                _hand_over(list(self._watches))
         self._stop = True
         self._wake.set()
         thread = self._thread
