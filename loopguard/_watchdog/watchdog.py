@@ -103,7 +103,7 @@ class _LoopWatch:
         self.ongoing: _Ongoing | None = None  # sampler-only state
         # One watchdog reports a loop's metrics, so two on one loop do not count twice;
         # when it stops, another one watching the loop takes over (_hand_over).
-        self.reports = not any(w.reports for w in _watches_of(loop) if w.attached)
+        self.reports: bool = not any(w.reports for w in _watches_of(loop) if w.attached)
         self.stats: LoopStats | None = None
         if wd.config.stats:
             self.stats = LoopStats(loop, kind, self.thread_name)
