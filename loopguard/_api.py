@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ._blocking import Allow
 from ._config import BlockingMode, Config
@@ -21,8 +21,10 @@ _installed: Watchdog | None = None
 _lock = threading.Lock()
 
 
-def _config(options: dict[str, object], unknown: dict[str, object]) -> Config:
-    return Config.from_options({**options, **unknown})
+def _config(arguments: dict[str, Any]) -> Config:
+    """A Config from a function's ``locals()``: its named options and ``**unknown``."""
+    unknown = arguments.pop("unknown")
+    return Config.from_options({**arguments, **unknown})
 
 
 def install(
@@ -83,24 +85,7 @@ def install(
         ValueError: An option is unknown or invalid (the message names it).
         OSError: The ``json`` file cannot be opened for appending.
     """
-    config = _config(
-        dict(
-            threshold=threshold,
-            interval=interval,
-            log=log,
-            json=json,
-            callback=callback,
-            sinks=tuple(sinks),
-            record=record,
-            stats=stats,
-            precise=precise,
-            slow_callback=slow_callback,
-            gil_dump=gil_dump,
-            blocking=blocking,
-            blocking_allow=tuple(blocking_allow),
-        ),
-        dict(unknown),
-    )
+    config = _config(dict(locals()))  # the options as named above (tested against Config)
     return install_config(config)
 
 
@@ -177,21 +162,4 @@ def watch(
     Returns:
         A not yet started :class:`Watchdog`; ``with`` starts and stops it.
     """
-    return Watchdog(
-        _config(
-            dict(
-                threshold=threshold,
-                interval=interval,
-                log=log,
-                json=json,
-                callback=callback,
-                sinks=tuple(sinks),
-                record=record,
-                stats=stats,
-                precise=precise,
-                slow_callback=slow_callback,
-                gil_dump=gil_dump,
-            ),
-            dict(unknown),
-        )
-    )
+    return Watchdog(_config(dict(locals())))

@@ -1,5 +1,11 @@
 """Watchdog configuration: one validated, frozen object, from keywords or environment.
 
+Every option is declared once, as a field of :class:`Config`: its type and default,
+and in the field's metadata how it is read from a ``LOOPGUARD_*`` variable and
+offered as a ``loopguard run`` flag (:func:`env_options`). ``Config.from_env`` and the
+CLI are derived from that declaration; ``install()`` and ``watch()`` spell the options
+out for type checkers and editors, and a test checks them against it.
+
 Invalid values raise :class:`ValueError` naming the field, at install time, so a
 typo never turns into a silent no-op or a crash later.
 """
@@ -10,19 +16,58 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, NamedTuple, get_args
 
-from ._blocking import Allow
+from ._blocking import Allow, Mode
 from .events import Event
 from .sinks import Sink
 
-__all__ = ["ENV_PREFIX", "BlockingMode", "Config"]
+__all__ = ["ENV_PREFIX", "BLOCKING_MODES", "BlockingMode", "Config", "EnvOption", "env_options"]
 
-BlockingMode = Literal["off", "warn", "raise", "record"]
-_BLOCKING_MODES = ("off", "warn", "raise", "record")
+BlockingMode = Mode
+BLOCKING_MODES: tuple[str, ...] = get_args(Mode)
 ENV_PREFIX = "LOOPGUARD_"
 DEFAULT_THRESHOLD = 0.1
 DEFAULT_INTERVAL = 0.02
+
+
+def _flag(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)
+
+
+def _option(default: Any = None, *, env: Callable[[str], object] | None = None, **cli: Any) -> Any:
+    """A :class:`Config` field; ``env`` parses its ``LOOPGUARD_*`` variable, ``cli`` its flag.
+
+    ``cli`` holds ``argparse`` keywords (``help`` at least) for ``loopguard run``.
+    """
+    meta = {"env": env, "cli": cli or None}
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class EnvOption(NamedTuple):
+    """One option that can be set from the environment (and perhaps from the CLI)."""
+
+    name: str  # the Config field
+    variable: str  # LOOPGUARD_NAME
+    parse: Callable[[str], object]
+    cli: dict[str, Any] | None  # argparse keywords of its ``loopguard run`` flag
+
+
+def env_options() -> tuple[EnvOption, ...]:
+    """Every :class:`Config` option that a ``LOOPGUARD_*`` variable can set, in order."""
+    out = []
+    for f in fields(Config):
+        parse = f.metadata.get("env")
+        if parse is not None:
+            out.append(EnvOption(f.name, ENV_PREFIX + f.name.upper(), parse, f.metadata["cli"]))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -59,19 +104,59 @@ class Config:
             ``Allow`` objects or text ``module[:function][@call,...]``.
     """
 
-    threshold: float = DEFAULT_THRESHOLD
-    interval: float | None = None
-    log: bool = True
-    json: str | os.PathLike[str] | None = None
-    callback: Callable[[Event], object] | None = None
-    sinks: Sequence[Sink] = field(default_factory=tuple)
-    record: int = 1000
-    stats: bool = False
-    precise: bool = False
-    slow_callback: float | None = None
-    gil_dump: bool = False
-    blocking: BlockingMode = "off"
-    blocking_allow: Sequence[str | Allow] = field(default_factory=tuple)
+    threshold: float = _option(
+        DEFAULT_THRESHOLD,
+        env=float,
+        metavar="S",
+        help="seconds the loop must be held to report a stall (default 0.1)",
+    )
+    interval: float | None = _option(
+        env=float,
+        metavar="S",
+        help="heartbeat and sampling period (default min(0.02, threshold/4))",
+    )
+    log: bool = _option(True, env=_flag)
+    json: str | os.PathLike[str] | None = _option(
+        env=str, metavar="FILE", help="append one JSON object per event per line to FILE"
+    )
+    callback: Callable[[Event], object] | None = _option()
+    sinks: Sequence[Sink] = _option(())
+    record: int = _option(1000)
+    stats: bool = _option(
+        False,
+        env=_flag,
+        action="store_true",
+        help="collect loop statistics: utilization, pending callbacks, tasks (metrics)",
+    )
+    precise: bool = _option(
+        False,
+        env=_flag,
+        action="store_true",
+        help="time every callback on asyncio's own loops; report slow ones (not uvloop)",
+    )
+    slow_callback: float | None = _option(
+        env=float,
+        metavar="S",
+        help="with --precise: report callbacks longer than S (default threshold/2)",
+    )
+    gil_dump: bool = _option(
+        False,
+        env=_flag,
+        action="store_true",
+        help="name the line of C code holding the GIL via a GIL-free traceback dump; "
+        "a debugging aid that can crash the process (busy asyncio loops, SIGSTOP, "
+        "cgroup throttling): never in production",
+    )
+    blocking: BlockingMode = _option(
+        "off", env=str, choices=BLOCKING_MODES, help="blocking-call guard mode (default off)"
+    )
+    blocking_allow: Sequence[str | Allow] = _option(
+        (),
+        env=str.split,
+        action="append",
+        metavar="RULE",
+        help="allow blocking calls under MODULE[:FUNCTION][@CALL,...] (repeatable)",
+    )
 
     def __post_init__(self) -> None:
         threshold = _number("threshold", self.threshold)
@@ -93,10 +178,12 @@ class Config:
                     f"slow_callback must be > 0 and smaller than threshold ({threshold!r} s), "
                     f"got {self.slow_callback!r}"
                 )
-        if self.blocking not in _BLOCKING_MODES:
+        if self.blocking not in BLOCKING_MODES:
             raise ValueError(
-                f"blocking must be one of {', '.join(_BLOCKING_MODES)}; got {self.blocking!r}"
+                f"blocking must be one of {', '.join(BLOCKING_MODES)}; got {self.blocking!r}"
             )
+        if isinstance(self.sinks, list):
+            object.__setattr__(self, "sinks", tuple(self.sinks))
         if isinstance(self.blocking_allow, str):
             object.__setattr__(self, "blocking_allow", (self.blocking_allow,))
         try:
@@ -142,29 +229,18 @@ class Config:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
         """Build a config from ``LOOPGUARD_*`` environment variables.
 
-        ``LOOPGUARD_THRESHOLD``, ``LOOPGUARD_INTERVAL`` (seconds), ``LOOPGUARD_JSON``
-        (file), ``LOOPGUARD_LOG`` (``1``/``0``), ``LOOPGUARD_BLOCKING``
-        (``off|warn|raise|record``), ``LOOPGUARD_BLOCKING_ALLOW`` (allow rules
-        separated by spaces), ``LOOPGUARD_PRECISE`` and ``LOOPGUARD_STATS``
-        (``1``/``0``).
+        One variable per option that has one (:func:`env_options`): the option's
+        name in capitals, for example ``LOOPGUARD_THRESHOLD`` (seconds),
+        ``LOOPGUARD_JSON`` (file), ``LOOPGUARD_LOG`` (``1``/``0``),
+        ``LOOPGUARD_BLOCKING`` (``off|warn|raise|record``),
+        ``LOOPGUARD_BLOCKING_ALLOW`` (allow rules separated by spaces).
 
         Raises:
             ValueError: A variable is unknown or has an invalid value (the message
                 names the variable).
         """
         env = os.environ if environ is None else environ
-        parsers: dict[str, Callable[[str], object]] = {
-            "THRESHOLD": float,
-            "INTERVAL": float,
-            "JSON": str,
-            "LOG": _flag,
-            "BLOCKING": str,
-            "BLOCKING_ALLOW": str.split,
-            "PRECISE": _flag,
-            "STATS": _flag,
-            "SLOW_CALLBACK": float,
-            "GIL_DUMP": _flag,
-        }
+        parsers = {o.variable[len(ENV_PREFIX) :]: o.parse for o in env_options()}
         internal = {"SUMMARY", "BOOTSTRAPPED"}  # set by the CLI for its own use
         options: dict[str, Any] = {}
         for key, raw in env.items():
@@ -191,12 +267,3 @@ def _number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"{name} must be a number of seconds, got {value!r}")
     return float(value)
-
-
-def _flag(raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(raw)

@@ -16,8 +16,9 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from textwrap import fill
 
-from ._config import Config
+from ._config import ENV_PREFIX, Config, env_options
 
 __all__ = ["main"]
 
@@ -29,9 +30,7 @@ examples:
   loopguard run --threshold 0.05 --json stalls.jsonl -- uvicorn app:app
   loopguard run -- python -m mypackage
 
-Every option can also be set with an environment variable: LOOPGUARD_THRESHOLD,
-LOOPGUARD_INTERVAL, LOOPGUARD_JSON, LOOPGUARD_BLOCKING, LOOPGUARD_PRECISE,
-LOOPGUARD_SLOW_CALLBACK, LOOPGUARD_STATS, LOOPGUARD_GIL_DUMP, LOOPGUARD_LOG.
+Every option can also be set with an environment variable: {variables}.
 Each stall is reported on stderr when it ends; a summary is printed at exit.
 """
 
@@ -58,59 +57,16 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         help="run a command with the watchdog installed in every Python process it starts",
         description="Run CMD with the loopguard watchdog installed from interpreter start.",
-        epilog=_RUN_EPILOG,
+        epilog=_RUN_EPILOG.format(variables=fill(", ".join(o.variable for o in env_options()), 70)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument(
-        "--threshold",
-        type=_seconds,
-        default=None,
-        metavar="S",
-        help="seconds the loop must be held to report a stall (default 0.1)",
-    )
-    run.add_argument(
-        "--interval",
-        type=_seconds,
-        default=None,
-        metavar="S",
-        help="heartbeat and sampling period (default min(0.02, threshold/4))",
-    )
-    run.add_argument(
-        "--json",
-        metavar="FILE",
-        default=None,
-        help="append one JSON object per event per line to FILE",
-    )
-    run.add_argument(
-        "--blocking",
-        choices=("off", "warn", "raise", "record"),
-        default=None,
-        help="blocking-call guard mode (default off)",
-    )
-    run.add_argument(
-        "--precise",
-        action="store_true",
-        help="time every callback on asyncio's own loops; report slow ones (not uvloop)",
-    )
-    run.add_argument(
-        "--slow-callback",
-        type=_seconds,
-        default=None,
-        metavar="S",
-        help="with --precise: report callbacks longer than S (default threshold/2)",
-    )
-    run.add_argument(
-        "--gil-dump",
-        action="store_true",
-        help="name the line of C code holding the GIL via a GIL-free traceback dump; "
-        "a debugging aid that can crash the process (busy asyncio loops, SIGSTOP, "
-        "cgroup throttling): never in production",
-    )
-    run.add_argument(
-        "--stats",
-        action="store_true",
-        help="collect loop statistics: utilization, pending callbacks, tasks (metrics)",
-    )
+    for option in env_options():
+        if option.cli is not None:
+            kwargs = dict(option.cli)
+            if option.parse is float:
+                kwargs["type"] = _seconds
+            kwargs.setdefault("default", None)
+            run.add_argument("--" + option.name.replace("_", "-"), **kwargs)
     run.add_argument("--no-summary", action="store_true", help="print no summary at exit")
     run.add_argument(
         "cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the command to run"
@@ -160,39 +116,28 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not cmd:
         parser.error("missing the command to run (loopguard run [OPTIONS] -- CMD [ARGS...])")
     env = dict(os.environ)
-    settings = {
-        "THRESHOLD": args.threshold,
-        "INTERVAL": args.interval,
-        "BLOCKING": args.blocking,
-        "PRECISE": "1" if args.precise else None,
-        "SLOW_CALLBACK": args.slow_callback,
-        "STATS": "1" if args.stats else None,
-        "GIL_DUMP": "1" if args.gil_dump else None,
-    }
-    if args.json is not None:
-        path = Path(args.json).resolve()
+    given = {o.name: getattr(args, o.name) for o in env_options() if o.cli is not None}
+    given = {name: value for name, value in given.items() if value not in (None, False)}
+    if "json" in given:
+        path = Path(given["json"]).resolve()
         try:
             with open(path, "a", encoding="utf-8"):
                 pass
         except OSError as exc:
             parser.error(f"cannot write --json file {args.json!r}: {exc.strerror or exc}")
-        settings["JSON"] = str(path)
-    for key, value in settings.items():
-        if value is not None:
-            env["LOOPGUARD_" + key] = str(value)
-    if args.no_summary:
-        env["LOOPGUARD_SUMMARY"] = "0"
+        given["json"] = str(path)
     try:  # the options as given, then with the environment, as the child will read them
-        Config(
-            **{k.lower(): v for k, v in settings.items() if v is not None and k != "JSON"}
-            | {
-                "precise": bool(args.precise),
-                "stats": bool(args.stats),
-                "gil_dump": bool(args.gil_dump),
-            }
-        )
+        Config(**{k: v for k, v in given.items() if k != "json"})
     except ValueError as exc:
         parser.error(f"{exc}")
+    for name, value in given.items():
+        if value is True:
+            value = "1"
+        elif isinstance(value, list):
+            value = " ".join(value)
+        env[ENV_PREFIX + name.upper()] = str(value)
+    if args.no_summary:
+        env[ENV_PREFIX + "SUMMARY"] = "0"
     try:
         Config.from_env(env)
     except ValueError as exc:

@@ -114,3 +114,42 @@ def test_environment_parses_every_setting(tmp_path: Any) -> None:
     assert config.log is False
     assert config.blocking == "warn"
     assert config.precise is True
+
+
+def test_every_option_is_declared_once() -> None:
+    """install(), watch(), the environment and the CLI all follow Config's fields."""
+    import dataclasses
+    import inspect
+
+    from loopguard._config import env_options
+
+    fields = {f.name: f.default for f in dataclasses.fields(Config)}
+    install = inspect.signature(loopguard.install).parameters
+    named = {n: p.default for n, p in install.items() if n != "unknown"}
+    assert list(named) == list(fields)
+    for name, default in named.items():
+        if not isinstance(fields[name], type(dataclasses.MISSING)):
+            assert default == fields[name], name
+    watch = inspect.signature(loopguard.watch).parameters
+    assert set(watch) - {"unknown"} <= set(fields)
+    assert watch["log"].default is False  # the scoped form is quiet unless asked
+    variables = {o.variable for o in env_options()}
+    in_code_only = ("callback", "sinks", "record")
+    assert {f"LOOPGUARD_{n.upper()}" for n in fields if n not in in_code_only} == variables
+    help_text = _run_help()
+    for option in env_options():
+        if option.cli is not None:
+            assert "--" + option.name.replace("_", "-") in help_text
+        assert option.variable in help_text
+
+
+def _run_help() -> str:
+    import contextlib
+    import io
+
+    from loopguard.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        main(["run", "--help"])
+    return out.getvalue()
