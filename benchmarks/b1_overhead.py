@@ -233,7 +233,7 @@ class Loopguard(Tool):
             "options": self.options,
         }
         # Diagnostic only (private, may vanish): GIL-free stack dumps read so far.
-        dump = getattr(sys.modules.get("loopguard._watchdog"), "_DUMP", None)
+        dump = getattr(sys.modules.get("loopguard._watchdog.causes"), "DUMP", None)
         if dump is not None and isinstance(getattr(dump, "seq", None), int):
             facts["gil_dumps"] = dump.seq
         if self.reader is not None:  # proof the SDK pipeline really received data

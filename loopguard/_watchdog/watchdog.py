@@ -10,237 +10,46 @@ sampler emits one :class:`~loopguard.events.Stall` to the sinks.
 A healthy loop therefore costs one timer callback per interval and roughly one
 sampler wake per threshold; nothing runs on the loop thread per callback.
 
-Loops are found by wrapping ``run_forever`` of asyncio's ``BaseEventLoop`` and of
-``uvloop.Loop`` (every ``asyncio.run``, ``Runner``, ``run_until_complete`` goes
-through it) and ``trio.run`` (so ``anyio.run(backend="trio")`` too). The wrappers
-are installed while at least one watchdog runs and removed after the last one stops.
+Loops are found by the hooks of :mod:`.registry`; each watched loop's state is a
+:class:`~.loopwatch.LoopWatch`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import dataclasses
 import gc
 import logging
-import os
 import sys
 import threading
 import time
-import weakref
-from collections.abc import Callable, Iterator
-from types import ModuleType
+from collections.abc import Iterator
 from typing import Any
 
-from .. import metrics
 from .._blocking import BlockingGuard, call_during
 from .._config import Config
 from .._core.attribution import attributes_of
-from .._core.patch import Patch, cancel_import_hook, when_imported
+from .._core.loops import loop_kind
 from ..events import Event, Frame, SlowCallback, Stall
-from ..metrics import (
-    EVENTLOOP_DELAY,
-    EVENTLOOP_PENDING_CALLBACKS,
-    EVENTLOOP_SLOW_CALLBACKS,
-    EVENTLOOP_STALL_DURATION,
-    EVENTLOOP_STALLS,
-    EVENTLOOP_TASKS,
-    EVENTLOOP_TIME,
-    EVENTLOOP_UTILIZATION,
-)
+from ..metrics import EVENTLOOP_SLOW_CALLBACKS, EVENTLOOP_STALL_DURATION, EVENTLOOP_STALLS
 from ..metrics import record as _record
 from ..sinks import CallbackSink, JsonLinesSink, LoggingSink, RecordingSink, Sink, SinkSet
+from . import registry
 from .causes import DUMP, CpuClocks, CpuSnapshot, diagnose
 from .gcwatch import GC
-from .loopstats import LoopStats, LoopStatsSnapshot
+from .loopmetrics import observe_stats, retire_stats
+from .loopstats import LoopStatsSnapshot
+from .loopwatch import LoopWatch, Ongoing, trio_beat
 from .precise import TIMER
-from .sampling import StackFolder, sample_threads
+from .registry import running
+from .sampling import sample_threads
 from .summary import DelayHistogram, StallSummary
 
 __all__ = ["Watchdog", "running"]
 
 logger = logging.getLogger("loopguard")
 _monotonic = time.monotonic
-
-
-class _LoopWatch:
-    """One watched loop: heartbeat state written by the loop, read by the sampler."""
-
-    __slots__ = (
-        "attached",
-        "delay",
-        "detached_at",
-        "handle",
-        "is_running",
-        "kind",
-        "last_tick",
-        "loop",
-        "ongoing",
-        "pending",
-        "period",
-        "reports",
-        "running_task",
-        "stats",
-        "thread_id",
-        "thread_name",
-        "threshold",
-    )
-
-    def __init__(self, wd: Watchdog, loop: Any, kind: str) -> None:
-        self.loop = loop
-        self.kind = kind
-        self.period = wd.config.period
-        self.threshold = wd.config.threshold
-        self.thread_id = threading.get_ident()
-        self.thread_name = threading.current_thread().name
-        self.last_tick = _monotonic()
-        self.pending: list[tuple[float, float]] = []  # (end, gap) of long gaps, loop-written
-        self.delay = DelayHistogram()
-        self.handle: Any = None
-        self.attached = True
-        self.detached_at = 0.0
-        self.ongoing: _Ongoing | None = None  # sampler-only state
-        # One watchdog reports a loop's metrics, so two on one loop do not count twice;
-        # when it stops, another one watching the loop takes over (_hand_over).
-        self.reports: bool = not any(w.reports for w in _watches_of(loop) if w.attached)
-        self.stats: LoopStats | None = None
-        if wd.config.stats:
-            self.stats = LoopStats(loop, kind, self.thread_name)
-            self.stats.start()
-        if kind == "trio":
-            self.is_running: Callable[[], bool] = lambda: self.attached
-            self.running_task: Callable[[], Any] = lambda: None
-        else:
-            self.is_running = loop.is_running
-            self.running_task = self._asyncio_task
-
-    def stamp(self) -> None:
-        """Record a heartbeat (runs on the loop thread)."""
-        now = _monotonic()
-        gap = now - self.last_tick
-        self.last_tick = now
-        late = gap - self.period
-        self.delay.record(late)
-        if self.reports:
-            _record(EVENTLOOP_DELAY, late if late > 0.0 else 0.0)
-        if gap >= self.threshold and len(self.pending) < 64:
-            self.pending.append((now, gap))
-
-    def asyncio_tick(self) -> None:
-        """Heartbeat callback on asyncio/uvloop: stamp and re-arm."""
-        if not self.attached:
-            return
-        self.stamp()
-        self.handle = self.loop.call_later(self.period, self.asyncio_tick)
-
-    def _asyncio_task(self) -> asyncio.Task[Any] | None:
-        try:
-            return asyncio.current_task(self.loop)
-        except Exception:
-            return None
-
-    def take_pending(self) -> list[tuple[float, float]]:
-        items, self.pending = self.pending, []
-        return items
-
-
-async def _trio_beat(watch: _LoopWatch) -> None:
-    """The heartbeat of a trio run: a system task that stamps while the watch lasts."""
-    import trio
-
-    while watch.attached:
-        await trio.sleep(watch.period)
-        if watch.attached:
-            watch.stamp()
-            if watch.stats is not None:
-                watch.stats.trio_stats = trio.lowlevel.current_statistics()
-
-
-class _Ongoing:
-    """A stall the sampler is watching while it lasts."""
-
-    __slots__ = ("attributes", "before", "folder", "others", "starved", "task", "tick")
-
-    def __init__(self, tick: float, before: CpuSnapshot | None) -> None:
-        self.tick = tick
-        self.before = before  # CPU clocks at the sampler's last wake before the stall
-        self.folder = StackFolder()
-        self.others: dict[int, tuple[Frame, ...]] | None = None
-        self.task: str | None = None
-        self.attributes: dict[str, str] = {}
-        self.starved = 0
-
-
-# Watchdogs that are running; the loop hooks attach each of them to every new loop.
-_running: list[Watchdog] = []
-_running_lock = threading.RLock()
-
-
-def running() -> tuple[Watchdog, ...]:
-    """The watchdogs running now, in the order they started."""
-    return tuple(_running)
-
-
-def _watches_of(loop: Any) -> list[_LoopWatch]:
-    """Every running watchdog's watch of ``loop``."""
-    return [w for wd in list(_running) for w in list(wd._watches) if w.loop is loop]
-
-
-def _hand_over(watches: list[_LoopWatch]) -> None:
-    """Pass the metric duty of loops a stopping watchdog reported to another watchdog."""
-    for watch in watches:
-        if watch.reports:
-            watch.reports = False
-            heir = next((w for w in _watches_of(watch.loop) if w.attached), None)
-            if heir is not None:
-                heir.reports = True
-
-
-def _run_forever(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-    kind = "uvloop" if type(instance).__module__.startswith("uvloop") else "asyncio"
-    watches = [w for wd in list(_running) if (w := wd._attach_safely(instance, kind))]
-    try:
-        return wrapped(*args, **kwargs)
-    finally:
-        for w in watches:
-            w_wd, watch = w
-            w_wd._detach(watch)
-
-
-def _trio_run(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-    if not args or not _running:
-        return wrapped(*args, **kwargs)
-    async_fn, rest = args[0], args[1:]
-    watchdogs = list(_running)
-
-    async def _with_heartbeat(*fn_args: Any) -> Any:
-        for wd in watchdogs:
-            wd._start_trio_heartbeat()
-        return await async_fn(*fn_args)
-
-    _with_heartbeat.__qualname__ = getattr(async_fn, "__qualname__", "main")
-    _with_heartbeat.__name__ = getattr(async_fn, "__name__", "main")
-    return wrapped(_with_heartbeat, *rest, **kwargs)
-
-
-_PATCHES: list[Patch] = [Patch(asyncio.BaseEventLoop, "run_forever", _run_forever)]
-
-
-def _patch_uvloop(module: ModuleType) -> None:
-    if not _running:
-        return
-    patch = Patch(module.Loop, "run_forever", _run_forever)
-    _PATCHES.append(patch)
-    patch.activate()
-
-
-def _patch_trio(module: ModuleType) -> None:
-    if not _running:
-        return
-    patch = Patch(module, "run", _trio_run)
-    _PATCHES.append(patch)
-    patch.activate()
 
 
 _DUMP = DUMP
@@ -250,20 +59,6 @@ _MIN_DUMP_MARGIN = 0.1
 # A stall is a garbage-collection pause (or a reported blocking call) when the collector
 # ran (the call lasted) for this share of it.
 _GC_SHARE = 0.5
-
-
-def _hooks_on() -> None:
-    _PATCHES[0].activate()
-    when_imported("uvloop", _patch_uvloop)
-    when_imported("trio", _patch_trio)
-
-
-def _hooks_off() -> None:
-    cancel_import_hook("uvloop", _patch_uvloop)
-    cancel_import_hook("trio", _patch_trio)
-    for patch in reversed(_PATCHES):
-        patch.deactivate()
-    del _PATCHES[1:]
 
 
 class Watchdog:
@@ -293,7 +88,7 @@ class Watchdog:
             sinks.append(CallbackSink(self.config.callback))
         sinks.extend(self.config.sinks)
         self.sinks = SinkSet(sinks)
-        self._watches: list[_LoopWatch] = []
+        self._watches: list[LoopWatch] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
@@ -316,22 +111,22 @@ class Watchdog:
 
     def start(self) -> Watchdog:
         """Start watching: hook loop start-up and attach to loops already running."""
-        with _running_lock:
+        with registry.lock:
             if self.running:
                 return self
             self.running = True
             self._stop = False
             # Dumps read before this start belong to earlier stalls (or watchdogs).
             self._dump, self._dump_seq = None, _DUMP.seq
-            _running.append(self)
-            if len(_running) == 1:
-                _hooks_on()
+            registry._running.append(self)
+            if len(registry._running) == 1:
+                registry.hooks_on()
             if self.config.stats:
-                _observe_stats(True)
+                observe_stats(True)
             if self.config.gil_dump:
                 _DUMP.start()
                 _warn_gil_dump()
-            _all_watchdogs.add(self)
+            registry.all_watchdogs.add(self)
             GC.start()
         if self.config.blocking != "off" and self.blocking_guard is None:
             self.blocking_guard = BlockingGuard(
@@ -347,13 +142,13 @@ class Watchdog:
         guard, self.blocking_guard = self.blocking_guard, None
         if guard is not None:  # before the loop hooks: patches come off in reverse order
             guard.stop()
-        with _running_lock:
+        with registry.lock:
             if not self.running:
                 return
             self.running = False
-            _running.remove(self)
+            registry._running.remove(self)
             with self._lock:
-                _hand_over(list(self._watches))
+                registry.hand_over(list(self._watches))
         self._stop = True
         self._wake.set()
         thread = self._thread
@@ -365,13 +160,13 @@ class Watchdog:
             self._pass(_monotonic(), starved=False, final=True)
         except Exception:
             logger.exception("loopguard: final check failed")
-        with _running_lock:
-            if not _running:
-                _hooks_off()
+        with registry.lock:
+            if not registry._running:
+                registry.hooks_off()
             TIMER.remove(self)
-            if not any(wd.config.stats for wd in _running):
-                _observe_stats(False)
-            if not any(wd.config.gil_dump for wd in _running):
+            if not any(wd.config.stats for wd in registry._running):
+                observe_stats(False)
+            if not any(wd.config.gil_dump for wd in registry._running):
                 _DUMP.stop()
             GC.stop()
         self.sinks.close()
@@ -469,7 +264,7 @@ class Watchdog:
                 attached = self._attach_safely(trio.lowlevel.current_trio_token(), "trio")
                 if attached is not None:
                     watch = attached[1]
-                    trio.lowlevel.spawn_system_task(_trio_beat, watch, name="loopguard-heartbeat")
+                    trio.lowlevel.spawn_system_task(trio_beat, watch, name="loopguard-heartbeat")
         except Exception:
             logger.exception("loopguard could not watch this trio run")
             watch = None
@@ -483,14 +278,14 @@ class Watchdog:
 
     def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to a running loop from another thread (thread-safe)."""
-        loop.call_soon_threadsafe(self._attach_safely, loop, _loop_kind(loop))
+        loop.call_soon_threadsafe(self._attach_safely, loop, loop_kind(loop))
 
-    def _attach_safely(self, loop: Any, kind: str) -> tuple[Watchdog, _LoopWatch] | None:
+    def _attach_safely(self, loop: Any, kind: str) -> tuple[Watchdog, LoopWatch] | None:
         try:
             with self._lock:
                 if not self.running or any(w.loop is loop and w.attached for w in self._watches):
                     return None
-                watch = _LoopWatch(self, loop, kind)
+                watch = LoopWatch(self, loop, kind)
                 self._watches.append(watch)
                 if self.config.precise and kind != "asyncio" and kind not in self._noticed:
                     self._noticed.add(kind)
@@ -507,7 +302,7 @@ class Watchdog:
             logger.exception("loopguard could not watch %r", loop)
             return None
 
-    def _detach(self, watch: _LoopWatch) -> None:
+    def _detach(self, watch: LoopWatch) -> None:
         # The sampler drops the watch after reporting what it still holds.
         watch.detached_at = _monotonic()
         watch.attached = False
@@ -518,13 +313,13 @@ class Watchdog:
             watch.stats.stop()
         self._wake.set()
 
-    def _forget(self, watch: _LoopWatch) -> None:
+    def _forget(self, watch: LoopWatch) -> None:
         with self._lock:
             if watch in self._watches:
                 self._watches.remove(watch)
                 self._finished_delay.merge(watch.delay)
         if watch.stats is not None:
-            _retire_stats(watch.stats)
+            retire_stats(watch.stats)
 
     def _start_trio_heartbeat(self) -> None:
         import trio
@@ -538,7 +333,7 @@ class Watchdog:
         if attached is None:
             return
         try:
-            await _trio_beat(attached[1])
+            await trio_beat(attached[1])
         finally:
             self._detach(attached[1])
 
@@ -548,7 +343,7 @@ class Watchdog:
         except RuntimeError:
             loop = None
         if loop is not None:
-            self._attach_safely(loop, _loop_kind(loop))
+            self._attach_safely(loop, loop_kind(loop))
         trio = sys.modules.get("trio")
         if trio is not None:
             try:
@@ -628,7 +423,7 @@ class Watchdog:
         self._wakes += 1
         if self.config.precise:
             stalls = self._merge_precise(stalls, final)
-        reports = bool(_running) and _running[0] is self
+        reports = bool(registry._running) and registry._running[0] is self
         for _, stall in stalls:
             if stall.duration < threshold:
                 continue
@@ -677,7 +472,7 @@ class Watchdog:
 
     def _check(
         self,
-        watch: _LoopWatch,
+        watch: LoopWatch,
         now: float,
         starved: bool,
         snapshot: CpuSnapshot | None,
@@ -708,7 +503,7 @@ class Watchdog:
             if not watch.is_running():  # a loop we joined while running has stopped
                 self._detach(watch)
                 return now
-            watch.ongoing = _Ongoing(last_tick, self._snapshot)
+            watch.ongoing = Ongoing(last_tick, self._snapshot)
             task = watch.running_task()
             watch.ongoing.attributes = attributes_of(task, watch.thread_id)
             watch.ongoing.task = watch.ongoing.attributes.get("task.name")
@@ -726,10 +521,10 @@ class Watchdog:
 
     def _stall(
         self,
-        watch: _LoopWatch,
+        watch: LoopWatch,
         end: float,
         gap: float,
-        ongoing: _Ongoing | None,
+        ongoing: Ongoing | None,
         after: CpuSnapshot | None,
         stalls: list[tuple[float, Stall]],
     ) -> None:
@@ -820,86 +615,3 @@ def _warn_gil_dump() -> None:
             "loop starving the sampler or a paused process. Use it to diagnose a "
             "reproduced stall, not in production."
         )
-
-
-# -- loop statistics as metrics ---------------------------------------------------------
-
-_stats_observed = False
-_retired_time = {"active": 0.0, "idle": 0.0}  # loops that ended, for monotonic totals
-
-
-def _live_stats() -> list[LoopStats]:
-    out: list[LoopStats] = []
-    for wd in list(_running):
-        with wd._lock:
-            out.extend(w.stats for w in wd._watches if w.attached and w.stats is not None)
-    return out
-
-
-def _retire_stats(stats: LoopStats) -> None:
-    active, idle = stats.retire()
-    _retired_time["active"] += active
-    _retired_time["idle"] += idle
-
-
-_Reading = list[tuple[float, dict[str, str] | None]]
-
-
-def _observe_utilization() -> _Reading:
-    snaps = [s.snapshot("metrics") for s in _live_stats() if s.timed]
-    active = sum(s.active or 0.0 for s in snaps)
-    idle = sum(s.idle or 0.0 for s in snaps)
-    return [(active / (active + idle), None)] if active + idle > 0 else []
-
-
-def _observe_time() -> _Reading:
-    live = [s.totals() for s in _live_stats()]
-    active = _retired_time["active"] + sum(a for a, _ in live)
-    idle = _retired_time["idle"] + sum(i for _, i in live)
-    return [(active, {"state": "active"}), (idle, {"state": "idle"})]
-
-
-def _observe_sum(field: str) -> Callable[[], _Reading]:
-    def observe() -> _Reading:
-        values = [getattr(s.snapshot("gauge"), field) for s in _live_stats()]
-        known = [v for v in values if v is not None]
-        return [(float(sum(known)), None)] if known else []
-
-    return observe
-
-
-def _observe_stats(on: bool) -> None:
-    """Report the loop-statistics metrics while some watchdog collects them."""
-    global _stats_observed
-    if on == _stats_observed:
-        return
-    _stats_observed = on
-    metrics.observe(EVENTLOOP_UTILIZATION, _observe_utilization if on else None)
-    metrics.observe(EVENTLOOP_TIME, _observe_time if on else None)
-    metrics.observe(EVENTLOOP_PENDING_CALLBACKS, _observe_sum("pending_callbacks") if on else None)
-    metrics.observe(EVENTLOOP_TASKS, _observe_sum("tasks") if on else None)
-
-
-def _loop_kind(loop: object) -> str:
-    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
-
-
-_all_watchdogs: weakref.WeakSet[Watchdog] = weakref.WeakSet()
-
-
-def _after_fork() -> None:
-    global _running_lock
-    _running_lock = threading.RLock()
-    for wd in list(_all_watchdogs):
-        wd._after_fork_in_child()
-
-
-def _stop_all_at_exit() -> None:
-    for wd in list(_running):
-        with contextlib.suppress(Exception):
-            wd.stop()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork)
-atexit.register(_stop_all_at_exit)

@@ -1,0 +1,139 @@
+"""One watched loop: the heartbeat state its loop writes and the sampler reads.
+
+A :class:`LoopWatch` is created when a watchdog attaches to a loop. On asyncio and
+uvloop its heartbeat is a ``call_later`` timer re-armed each tick; on trio it is the
+system task :func:`trio_beat`. :class:`Ongoing` is the sampler's record of a stall
+while it lasts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..events import Frame
+from ..metrics import EVENTLOOP_DELAY
+from ..metrics import record as _record
+from .causes import CpuSnapshot
+from .loopstats import LoopStats
+from .registry import watches_of
+from .sampling import StackFolder
+from .summary import DelayHistogram
+
+if TYPE_CHECKING:
+    from .watchdog import Watchdog
+
+__all__ = ["LoopWatch", "Ongoing", "trio_beat"]
+
+_monotonic = time.monotonic
+
+
+class LoopWatch:
+    """One watched loop: heartbeat state written by the loop, read by the sampler."""
+
+    __slots__ = (
+        "attached",
+        "delay",
+        "detached_at",
+        "handle",
+        "is_running",
+        "kind",
+        "last_tick",
+        "loop",
+        "ongoing",
+        "pending",
+        "period",
+        "reports",
+        "running_task",
+        "stats",
+        "thread_id",
+        "thread_name",
+        "threshold",
+    )
+
+    def __init__(self, wd: Watchdog, loop: Any, kind: str) -> None:
+        self.loop = loop
+        self.kind = kind
+        self.period = wd.config.period
+        self.threshold = wd.config.threshold
+        self.thread_id = threading.get_ident()
+        self.thread_name = threading.current_thread().name
+        self.last_tick = _monotonic()
+        self.pending: list[tuple[float, float]] = []  # (end, gap) of long gaps, loop-written
+        self.delay = DelayHistogram()
+        self.handle: Any = None
+        self.attached = True
+        self.detached_at = 0.0
+        self.ongoing: Ongoing | None = None  # sampler-only state
+        # One watchdog reports a loop's metrics, so two on one loop do not count twice;
+        # when it stops, another one watching the loop takes over (registry.hand_over).
+        self.reports: bool = not any(w.reports for w in watches_of(loop) if w.attached)
+        self.stats: LoopStats | None = None
+        if wd.config.stats:
+            self.stats = LoopStats(loop, kind, self.thread_name)
+            self.stats.start()
+        if kind == "trio":
+            self.is_running: Callable[[], bool] = lambda: self.attached
+            self.running_task: Callable[[], Any] = lambda: None
+        else:
+            self.is_running = loop.is_running
+            self.running_task = self._asyncio_task
+
+    def stamp(self) -> None:
+        """Record a heartbeat (runs on the loop thread)."""
+        now = _monotonic()
+        gap = now - self.last_tick
+        self.last_tick = now
+        late = gap - self.period
+        self.delay.record(late)
+        if self.reports:
+            _record(EVENTLOOP_DELAY, late if late > 0.0 else 0.0)
+        if gap >= self.threshold and len(self.pending) < 64:
+            self.pending.append((now, gap))
+
+    def asyncio_tick(self) -> None:
+        """Heartbeat callback on asyncio/uvloop: stamp and re-arm."""
+        if not self.attached:
+            return
+        self.stamp()
+        self.handle = self.loop.call_later(self.period, self.asyncio_tick)
+
+    def _asyncio_task(self) -> asyncio.Task[Any] | None:
+        try:
+            return asyncio.current_task(self.loop)
+        except Exception:
+            return None
+
+    def take_pending(self) -> list[tuple[float, float]]:
+        items, self.pending = self.pending, []
+        return items
+
+
+async def trio_beat(watch: LoopWatch) -> None:
+    """The heartbeat of a trio run: a system task that stamps while the watch lasts."""
+    import trio
+
+    while watch.attached:
+        await trio.sleep(watch.period)
+        if watch.attached:
+            watch.stamp()
+            if watch.stats is not None:
+                watch.stats.trio_stats = trio.lowlevel.current_statistics()
+
+
+class Ongoing:
+    """A stall the sampler is watching while it lasts."""
+
+    __slots__ = ("attributes", "before", "folder", "others", "starved", "task", "tick")
+
+    def __init__(self, tick: float, before: CpuSnapshot | None) -> None:
+        self.tick = tick
+        self.before = before  # CPU clocks at the sampler's last wake before the stall
+        self.folder = StackFolder()
+        self.others: dict[int, tuple[Frame, ...]] | None = None
+        self.task: str | None = None
+        self.attributes: dict[str, str] = {}
+        self.starved = 0
