@@ -791,3 +791,26 @@ def test_no_deadlock_completing_a_future_from_the_loop(pytester: pytest.Pytester
     write(pytester, PORTAL_TEST)
     result = run(pytester, "--loopguard", "-p", "no:randomly")
     result.assert_outcomes(passed=3)
+
+
+def test_gil_held_by_the_test_thread_is_not_the_loops_fault(pytester: pytest.Pytester) -> None:
+    """A portal loop waiting for the GIL the test's own thread holds is only reported."""
+    write(
+        pytester,
+        """
+        import re
+        from anyio.from_thread import start_blocking_portal
+
+        def test_client_side_work():
+            with start_blocking_portal() as portal:
+                portal.call(asyncio.sleep, 0.05)
+                # The test thread holds the GIL in C while the portal's loop idles.
+                re.match(r"^(a+)+$", "a" * 24 + "!")
+                portal.call(asyncio.sleep, 0.05)
+        """,
+    )
+    result = run(pytester, "--loopguard")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["*test_client_side_work: [[]test thread[]] event loop blocked for * waiting for the GIL*"]
+    )
