@@ -13,7 +13,6 @@ from ._api import watch as watch
 from ._blocking import Allow as Allow
 from ._blocking import BlockingCallError as BlockingCallError
 from ._blocking import BlockingGuard as BlockingGuard
-from ._config import Config as Config
 from ._core.attribution import attribute as attribute
 from ._core.attribution import unattribute as unattribute
 from ._offload import checkpoint as checkpoint
@@ -21,8 +20,9 @@ from ._offload import offload as offload
 from ._offload import set_offload_limit as set_offload_limit
 from ._offload import yielding as yielding
 from ._version import __version__ as __version__
-from ._watchdog.loopstats import LoopStatsSnapshot as LoopStatsSnapshot
-from ._watchdog.watchdog import Watchdog as Watchdog
+from ._watchdog import Config as Config
+from ._watchdog import LoopStatsSnapshot as LoopStatsSnapshot
+from ._watchdog import Watchdog as Watchdog
 from .events import BlockingCall as BlockingCall
 from .events import Event as Event
 from .events import Frame as Frame

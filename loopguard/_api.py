@@ -9,8 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ._blocking import Allow
-from ._config import BlockingMode, Config
-from ._watchdog import Watchdog
+from ._watchdog import BlockingMode, Config, Watchdog
 from .events import Event
 from .sinks import Sink
 

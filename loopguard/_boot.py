@@ -12,9 +12,8 @@ import os
 import sys
 
 from ._api import install_config
-from ._config import Config
 from ._core.frames import where
-from ._watchdog import Watchdog
+from ._watchdog import Config, Watchdog
 
 __all__ = ["boot", "format_summary"]
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from textwrap import fill
 
-from ._config import ENV_PREFIX, Config, env_options
+from ._watchdog import ENV_PREFIX, Config, env_options
 
 __all__ = ["main"]
 
@@ -164,7 +164,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from ._watchdog.summary import StallSummary
+    from ._watchdog import StallSummary
     from .events import Frame, Stall
 
     summary = StallSummary(max_culprits=1000)

@@ -34,9 +34,8 @@ from typing import Any
 import pytest
 
 from ._blocking import Allow, BlockingGuard, format_rules
-from ._config import Config
 from ._core.frames import callback_frames, culprit_of, where
-from ._watchdog import Watchdog
+from ._watchdog import Config, Watchdog
 from .events import BlockingCall, Event, Frame, StackSample, Stall
 from .sinks import CallbackSink
 from .testing import LoopEvents, describe, settle

@@ -19,8 +19,7 @@ import contextlib
 from collections.abc import Iterable, Iterator
 
 from ._blocking import Allow, BlockingGuard, Mode
-from ._config import Config
-from ._watchdog import Watchdog
+from ._watchdog import Config, Watchdog
 from .events import BlockingCall, Event, Stall
 from .sinks import CallbackSink, RecordingSink, format_blocking_call, format_stall
 

@@ -121,7 +121,7 @@ def test_every_option_is_declared_once() -> None:
     import dataclasses
     import inspect
 
-    from loopguard._config import env_options
+    from loopguard._watchdog import env_options
 
     fields = {f.name: f.default for f in dataclasses.fields(Config)}
     install = inspect.signature(loopguard.install).parameters

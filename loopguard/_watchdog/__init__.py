@@ -1,12 +1,27 @@
 """The watchdog subsystem: heartbeats, the sampler thread, stall causes, loop statistics.
 
-``watchdog`` holds :class:`Watchdog` and the registry of running watchdogs;
+``config`` declares every option once; ``watchdog`` holds :class:`Watchdog`;
+``registry`` the running watchdogs and the loop hooks; ``loopwatch`` one loop's
+heartbeat;
 ``sampling`` reads and folds the loop thread's stack; ``causes`` tells why a loop was
 held; ``gcwatch`` notes garbage-collection pauses; ``precise`` times every callback
 (opt-in); ``loopstats`` measures utilization and queue depth; ``summary`` keeps the
 exit summary and the delay histogram.
 """
 
+from .config import ENV_PREFIX, BlockingMode, Config, EnvOption, env_options
+from .loopstats import LoopStatsSnapshot
+from .summary import StallSummary
 from .watchdog import Watchdog, running
 
-__all__ = ["Watchdog", "running"]
+__all__ = [
+    "ENV_PREFIX",
+    "BlockingMode",
+    "Config",
+    "EnvOption",
+    "LoopStatsSnapshot",
+    "StallSummary",
+    "Watchdog",
+    "env_options",
+    "running",
+]

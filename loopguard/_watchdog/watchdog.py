@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._blocking import BlockingGuard, call_during
-from .._config import Config
 from .._core.attribution import attributes_of
 from .._core.loops import loop_kind
 from ..events import Event, Frame, SlowCallback, Stall
@@ -37,6 +36,7 @@ from ..metrics import record as _record
 from ..sinks import CallbackSink, JsonLinesSink, LoggingSink, RecordingSink, Sink, SinkSet
 from . import registry
 from .causes import DUMP, CpuClocks, CpuSnapshot, diagnose
+from .config import Config
 from .gcwatch import GC
 from .loopmetrics import observe_stats, retire_stats
 from .loopstats import LoopStatsSnapshot

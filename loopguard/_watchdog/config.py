@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple, get_args
 
-from ._blocking import Allow, Mode
-from .events import Event
-from .sinks import Sink
+from .._blocking import Allow, Mode
+from ..events import Event
+from ..sinks import Sink
 
 __all__ = ["ENV_PREFIX", "BLOCKING_MODES", "BlockingMode", "Config", "EnvOption", "env_options"]
 
