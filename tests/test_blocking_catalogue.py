@@ -62,7 +62,7 @@ def test_reported_on_the_loop_thread(name: str, tmp_path: Path, servers: Servers
         event.culprit is not None and event.culprit.file.endswith("blocking_cases.py")
     )
     assert event.action == "record"
-    assert event.duration >= 0
+    assert 0 < event.duration < 5  # the call ran (record mode) and was timed
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -12,7 +12,6 @@ import sys
 import tempfile
 import textwrap
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,7 @@ def run(loop_kind: str, main: Any) -> None:
 
 
 def collect(wd: loopguard.Watchdog) -> list[Stall]:
-    time.sleep(0.3)
+    assert wd.flush(2.0)
     return wd.stalls
 
 

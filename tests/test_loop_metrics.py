@@ -28,7 +28,7 @@ def test_delay_and_stall_metrics(reader: InMemoryMetricReader) -> None:
 
     with loopguard.watch(threshold=0.1) as wd:
         asyncio.run(main())
-        time.sleep(0.2)
+        assert wd.flush()
         assert len(wd.stalls) == 1
     found = collect(reader)
 

@@ -211,10 +211,11 @@ class Watchdog:
         return [w.stats.snapshot("api") for w in watches if w.stats is not None]
 
     def flush(self, timeout: float = 1.0) -> bool:
-        """Wait until stalls of loops that just stopped have been reported.
+        """Wait until every stall that has happened is reported.
 
-        A stall that ends with its loop stopping (the last callback of
-        ``run_until_complete`` blocked) is reported by the sampler thread right after.
+        The sampler thread reports a stall once the loop's heartbeat resumes, or right
+        after its loop stops (the last callback of ``run_until_complete`` blocked).
+        This waits for both, and for a stall in progress to end.
 
         Args:
             timeout: Seconds to wait at most.
@@ -224,8 +225,18 @@ class Watchdog:
         """
         deadline = _monotonic() + timeout
         while True:
+            now = _monotonic()
             with self._lock:
-                busy = [w for w in self._watches if not w.attached or w.pending]
+                # A loop that stopped, a stall the heartbeat measured but the sampler
+                # has not reported, or a loop held right now: not reported yet.
+                busy = [
+                    w
+                    for w in self._watches
+                    if not w.attached
+                    or w.pending
+                    or w.ongoing is not None
+                    or now - w.last_tick >= w.threshold
+                ]
             if not busy or not self.running:
                 return True
             if _monotonic() >= deadline:
