@@ -126,9 +126,12 @@ def _call_remote(
         func = target.resolve() if isinstance(target, _ByReference) else target
         result = cast(Callable[..., Any], func)(*args, **kwargs)
     except Exception as exc:
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return False, exc, text, perf_counter() - start
+        return False, exc, _format(exc), perf_counter() - start
     return True, result, "", perf_counter() - start
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 def process_entry(payload: bytes) -> bytes:
@@ -139,8 +142,7 @@ def process_entry(payload: bytes) -> bytes:
         target, args, kwargs = pickle.loads(payload)
         outcome = _call_remote(target, args, kwargs)
     except Exception as exc:
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        outcome = (False, exc, text, 0.0)
+        outcome = (False, exc, _format(exc), 0.0)
     try:
         return pickle.dumps(outcome, pickle.HIGHEST_PROTOCOL)
     except Exception as exc:

@@ -60,17 +60,11 @@ class Track:
 
     def claim_start(self) -> bool:
         """Return whether this caller is the first to claim the start of the call."""
-        try:
-            self._start.pop()
-        except IndexError:
-            return False
-        return True
+        return _first(self._start)
 
     def finish(self, *_: object) -> None:
         """The body has returned (any thread)."""
-        try:
-            self._end.pop()
-        except IndexError:
+        if not _first(self._end):
             waker = self.waker  # the task left first, and left this behind
             if waker is not None:
                 waker()
@@ -91,7 +85,7 @@ class Track:
             done = anyio.Event()
             soon = threadsafe_scheduler()
             self.waker = lambda: soon(done.set)
-            if self._first_at_end():
+            if _first(self._end):
                 await shielded_wait(done)
         self.leave()
 
@@ -101,15 +95,17 @@ class Track:
             return
         soon = threadsafe_scheduler()
         self.waker = lambda: soon(self.release)
-        if not self._first_at_end():
+        if not _first(self._end):
             self.release()
 
-    def _first_at_end(self) -> bool:
-        try:
-            self._end.pop()
-        except IndexError:
-            return False
-        return True
+
+def _first(claim: list[None]) -> bool:
+    """Take the one item of ``claim``: only the first caller gets it (``list.pop`` is atomic)."""
+    try:
+        claim.pop()
+    except IndexError:
+        return False
+    return True
 
 
 class ActiveCalls:
