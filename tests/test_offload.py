@@ -738,8 +738,9 @@ async def test_adaptive_inline_exceptions_and_failed_reports(
     def broken_report(event: object) -> None:
         raise OSError("sink gone")
 
-    # loopguard.offload is the decorator; its module is reached through sys.modules.
-    monkeypatch.setattr(sys.modules["loopguard._offload.offload"], "_report", broken_report)
+    # loopguard.offload is the decorator; the module that reports the switch is
+    # reached through sys.modules.
+    monkeypatch.setattr(sys.modules["loopguard._offload.adaptive"], "_report", broken_report)
     adaptive = loopguard.offload(adaptive=0.01)(slow_failure)
     with pytest.raises(RuntimeError, match="inline failure") as info:
         await adaptive()
