@@ -21,7 +21,7 @@ from typing import Any
 from .check import _Entry, _grl, _on_loop
 from .probes import _p_lock, _p_poll
 from .trio_runs import _trio_threads
-from .wrappers import _guarded
+from .wrappers import replacement
 
 _LOCK = _Entry("threading.Lock.acquire", _p_lock)
 _RLOCK = _Entry("threading.RLock.acquire", _p_lock)
@@ -125,7 +125,7 @@ def _subclass_with(
     """A subclass of a C type whose listed methods are guarded."""
     namespace: dict[str, Any] = {"__module__": __name__, "_loopguard_guarded": True}
     for attr, (entry, original) in entries.items():
-        namespace[attr] = _guarded(entry, original)
+        namespace[attr] = replacement(entry, original)
     namespace.update(extra)
     return type(f"Guarded{base.__name__.capitalize()}", (base,), namespace)
 

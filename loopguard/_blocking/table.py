@@ -2,7 +2,7 @@
 
 Owns :class:`CatalogueEntry` and the table itself, built by :func:`_add` in catalogue
 order: for each entry the module and attribute that are replaced, its probe (when it
-counts as blocking) and what builds its replacement (:func:`~.wrappers._guarded`
+counts as blocking) and what builds its replacement (:func:`~.wrappers.replacement`
 unless the entry says otherwise: guarded C objects, DB-API drivers). Entries marked
 ``via`` are reached through another entry's objects and patch nothing themselves.
 
@@ -52,7 +52,7 @@ from .probes import (
     _p_waitpid,
 )
 from .trio_runs import TRIO_TARGETS
-from .wrappers import _replace
+from .wrappers import replacement
 
 __all__ = ["CatalogueEntry", "catalogue"]
 
@@ -101,7 +101,7 @@ def _add(
     """Catalogue ``module.target`` (reported as ``name``) in ``group``.
 
     ``probe`` tells whether a call blocks (``when`` says it in words); ``make`` builds
-    the replacement from the original (default: :func:`~.wrappers._guarded`, with
+    the replacement from the original (default: :func:`~.wrappers.replacement`, with
     ``shape`` for C functions without a signature); ``via`` entries patch nothing.
     """
     full = name or f"{module}.{target}"
@@ -109,7 +109,7 @@ def _add(
     if via:
         _TARGETS.append(_Target(entry, None))
         return
-    maker = make if make is not None else _replace(_Entry(full, probe, shape))
+    maker = make if make is not None else functools.partial(replacement, _Entry(full, probe, shape))
     _TARGETS.append(_Target(entry, maker))
 
 
