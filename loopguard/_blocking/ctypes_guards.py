@@ -4,10 +4,10 @@ Methods of C types cannot be patched (not without ``forbiddenfruit``), so the gu
 reaches them through what creates them: while a guard runs ``threading.Lock()`` and
 ``threading.RLock()`` return :class:`GuardedLock` and :class:`GuardedRLock`, and
 ``select.poll()`` a :class:`_GuardedPoll`. Their methods carry the same fast path as
-the generated replacements. :func:`_subclass_with` builds a subclass of a C type
-whose listed methods are replacements, and :func:`_cached_subclass` keeps one per
-base class; the DB-API driver guards use them for connections and cursors. Objects
-made while a guard ran stay usable after it stopped, as pass-throughs.
+the generated replacements. :func:`_guarded_subclass` builds (once per base class) a
+subclass of a C type whose listed methods are replacements; the DB-API driver guards
+use it for connections and cursors. Objects made while a guard ran stay usable after
+it stopped, as pass-throughs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 from .check import _Entry, _grl, _on_loop
 from .probes import _p_lock, _p_poll
 from .trio_runs import _trio_threads
-from .wrappers import replacement
 
 _LOCK = _Entry("threading.Lock.acquire", _p_lock)
 _RLOCK = _Entry("threading.RLock.acquire", _p_lock)
@@ -119,24 +118,21 @@ def _make_poll(original: Any) -> Any:
     return poll
 
 
-def _subclass_with(
-    base: type, entries: dict[str, tuple[_Entry, Callable[..., Any]]], extra: dict[str, Any]
-) -> type:
-    """A subclass of a C type whose listed methods are guarded."""
-    namespace: dict[str, Any] = {"__module__": __name__, "_loopguard_guarded": True}
-    for attr, (entry, original) in entries.items():
-        namespace[attr] = replacement(entry, original)
-    namespace.update(extra)
-    return type(f"Guarded{base.__name__.capitalize()}", (base,), namespace)
-
-
 _subclass_cache: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 
 
-def _cached_subclass(base: type, build: Callable[[type], type]) -> type:
+def _guarded_subclass(base: type, methods: Callable[[type], dict[str, Any]]) -> type:
+    """The subclass of the C type ``base`` holding ``methods(base)``, built once per base.
+
+    ``base`` itself when it is such a subclass already. The subclass is named
+    ``Guarded`` + the base's name and marked with ``_loopguard_guarded``.
+    """
     if getattr(base, "_loopguard_guarded", False):
         return base
     cls = _subclass_cache.get(base)
     if cls is None:
-        cls = _subclass_cache[base] = build(base)
+        namespace: dict[str, Any] = {"__module__": __name__, "_loopguard_guarded": True}
+        namespace.update(methods(base))
+        cls = type(f"Guarded{base.__name__.capitalize()}", (base,), namespace)
+        _subclass_cache[base] = cls
     return cls

@@ -24,14 +24,7 @@ from typing import Any, NamedTuple
 from .._core.patch import ReplacePatch, cancel_import_hook, when_imported
 from .check import _AUTO, Probe, _Entry, _running
 from .ctypes_guards import GuardedLock, _make_poll, _make_rlock
-from .drivers import (
-    _PG_CONN_METHODS,
-    _PG_CURSOR_METHODS,
-    _SQLITE_CONN_METHODS,
-    _SQLITE_CURSOR_METHODS,
-    _make_pg_connect,
-    _make_sqlite_connect,
-)
+from .drivers import PSYCOPG2, SQLITE3, DbApiDriver
 from .probes import (
     _p_barrier_wait,
     _p_condition_enter,
@@ -111,6 +104,18 @@ def _add(
         return
     maker = make if make is not None else functools.partial(replacement, _Entry(full, probe, shape))
     _TARGETS.append(_Target(entry, maker))
+
+
+def _add_driver(group: str, driver: DbApiDriver) -> None:
+    """Catalogue a driver: its ``connect`` is patched, its methods reached through it."""
+    module = driver.module
+    _add(group, module, "connect", make=driver.make_connect)
+    for cls, methods in (
+        (driver.connection_name, driver.connection_methods),
+        (driver.cursor_name, driver.cursor_methods),
+    ):
+        for m in methods:
+            _add(group, module, f"{cls}.{m}", via=True, when="connections from connect()")
 
 
 _NONBLOCKING = "the socket is in blocking mode (a timeout counts as blocking)"
@@ -249,11 +254,7 @@ _add(
     when="timeout is not 0 (poll objects made by select.poll())",
 )
 
-_add("sqlite3", "sqlite3", "connect", make=_make_sqlite_connect)
-for _m in _SQLITE_CONN_METHODS:
-    _add("sqlite3", "sqlite3", f"Connection.{_m}", via=True, when="connections from connect()")
-for _m in _SQLITE_CURSOR_METHODS:
-    _add("sqlite3", "sqlite3", f"Cursor.{_m}", via=True, when="connections from connect()")
+_add_driver("sqlite3", SQLITE3)
 
 for _m in ("connect", "request", "getresponse"):
     _add("http", "http.client", f"HTTPConnection.{_m}")
@@ -274,11 +275,7 @@ _add("clients", "urllib3.poolmanager", "PoolManager.urlopen", name="urllib3.Pool
 _add("clients", "httpx", "Client.send")
 _add("clients", "redis.client", "Redis.execute_command", name="redis.Redis.execute_command")
 _add("clients", "redis.client", "Pipeline.execute", name="redis.Pipeline.execute")
-_add("clients", "psycopg2", "connect", make=_make_pg_connect)
-for _m in _PG_CONN_METHODS:
-    _add("clients", "psycopg2", f"connection.{_m}", via=True, when="connections from connect()")
-for _m in _PG_CURSOR_METHODS:
-    _add("clients", "psycopg2", f"cursor.{_m}", via=True, when="connections from connect()")
+_add_driver("clients", PSYCOPG2)
 
 
 def catalogue() -> tuple[CatalogueEntry, ...]:
