@@ -546,7 +546,7 @@ def test_listener_that_raises_is_logged_and_the_call_goes_on(
 def test_guard_internal_failure_lets_the_call_through(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import loopguard._blocking.guard as blocking
+    import loopguard._blocking.check as blocking
 
     def broken(*args: object) -> object:
         raise RuntimeError("internal bug")
