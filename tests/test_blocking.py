@@ -791,3 +791,27 @@ def test_a_blocking_call_that_stalls_the_loop_is_one_report(
     logged = [r.getMessage() for r in caplog.records]
     assert len([m for m in logged if "time.sleep" in m]) == 1, logged
     assert not [m for m in logged if m.startswith("event loop blocked")], logged
+
+
+def test_a_call_that_does_not_block_is_not_checked_inside() -> None:
+    """``acquire(timeout=0)`` takes the semaphore's condition for a few instructions.
+
+    Its probe says it does not block; the condition it enters inside, held for a
+    moment by another thread, must not be refused (as ``run_in_executor`` does it:
+    ``ThreadPoolExecutor._adjust_thread_count`` calls ``_idle_semaphore.acquire(timeout=0)``).
+    """
+    sem = threading.Semaphore(0)
+    held = threading.Event()
+
+    def hold() -> None:
+        with sem._cond:  # type: ignore[attr-defined]
+            held.set()
+            time.sleep(0.02)
+
+    with BlockingGuard("raise") as guard:
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait()
+        assert on_loop(lambda: sem.acquire(timeout=0)) is False
+        holder.join()
+    assert guard.events == []

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from .. import metrics
 from .._core.frames import callback_frames, capture, culprit_of, is_own, own_part
+from .._core.loops import loop_kind
 from ..events import BlockingCall, Frame
 from .trio_runs import in_trio_task
 
@@ -147,18 +148,27 @@ def _on_loop(
 ) -> Any:
     """The slow path: the calling thread may be running an event loop."""
     __tracebackhide__ = True  # pytest: the failure is the caller's line, not ours
+    state = _state
+    if state.busy:  # inside a call already checked (or let through): not again
+        return original(*args, **kwargs)
     probe = entry.probe
     if probe is not None:  # first: most calls asyncio makes itself end here
+        # A call that does not block takes no lock that blocks either (a semaphore's
+        # condition, a future's): neither the probe nor the call is checked inside.
+        # Checking them refused a lock another thread held for a few instructions.
+        state.busy = True
         try:
-            seen = probe(original, args, kwargs)
-        except Exception:
-            seen = _RUN
-        if seen is _RUN:
-            return original(*args, **kwargs)
-        if seen is not _BLOCKS:
-            return seen  # done without blocking (an uncontended lock, a queued item)
-    state = _state
-    if state.busy or not _running.guards:
+            try:
+                seen = probe(original, args, kwargs)
+            except Exception:
+                seen = _RUN
+            if seen is _RUN:
+                return original(*args, **kwargs)
+            if seen is not _BLOCKS:
+                return seen  # done without blocking (an uncontended lock, a queued item)
+        finally:
+            state.busy = False
+    if not _running.guards:
         return original(*args, **kwargs)
     state.busy = True  # whatever runs from here (probes, sinks, the call) is not checked
     try:
@@ -196,7 +206,7 @@ def _internal_error() -> None:
 def _loop_kind() -> tuple[Any, str] | None:
     loop = _grl()
     if loop is not None:
-        return loop, ("uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio")
+        return loop, loop_kind(loop)
     if in_trio_task():
         return None, "trio"
     return None

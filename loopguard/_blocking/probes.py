@@ -4,17 +4,16 @@ A probe runs on a loop thread before any guard is asked, with the original funct
 and the call's arguments. It answers :data:`~.check._RUN` (the call does not block:
 a non-blocking socket, ``sleep(0)``, a zero timeout, a finished future),
 :data:`~.check._BLOCKS`, or a result of its own when it could do the call without
-blocking (an uncontended lock, a queued item). Contended locks get a short grace
-(:data:`_LOCK_GRACE`) before they count as blocking.
+blocking (an uncontended lock, a queued item). A probe and a call it lets through run
+with the re-entrancy flag set: what they do inside is not checked again.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
-from .check import _BLOCKS, _RUN, Probe, _state
+from .check import _BLOCKS, _RUN, Probe
 
 
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, default: Any) -> Any:
@@ -62,42 +61,21 @@ def _p_poll(original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any
     return _RUN if timeout is not None and timeout == 0 else _BLOCKS
 
 
-# A lock another thread holds for a short critical section (a future's condition, an
-# Event's, a queue's mutex) is free again within microseconds: waiting that long is not
-# blocking. Refusing it instead would break the other thread's protocol (a future the
-# loop never completes leaves its waiter hung for ever), so a lock counts as blocking
-# only once it stayed taken for this long.
-_LOCK_GRACE = 0.005
-
-
-def _within_grace(acquire: Callable[..., Any], *args: Any) -> bool:
-    """Try a lock for the grace period, unguarded (a semaphore waits on a condition)."""
-    state = _state
-    if state.busy:
-        return bool(acquire(*args, True, _LOCK_GRACE))
-    state.busy = True
-    try:
-        return bool(acquire(*args, True, _LOCK_GRACE))
-    finally:
-        state.busy = False
-
-
 def _p_lock(original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     # original is the bound acquire of the real lock
     if not _arg(args, kwargs, 0, "blocking", True) or _arg(args, kwargs, 1, "timeout", -1) == 0:
         return _RUN
-    return True if original(False) or _within_grace(original) else _BLOCKS
+    return True if original(False) else _BLOCKS
 
 
 def _p_semaphore(original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if not _arg(args, kwargs, 1, "blocking", True) or _arg(args, kwargs, 2, "timeout", None) == 0:
         return _RUN
-    return True if original(args[0], False) or _within_grace(original, args[0]) else _BLOCKS
+    return True if original(args[0], False) else _BLOCKS
 
 
 def _p_condition_enter(original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    lock = args[0]._lock
-    return True if lock.acquire(False) or _within_grace(lock.acquire) else _BLOCKS
+    return True if args[0]._lock.acquire(False) else _BLOCKS
 
 
 def _p_timeout(index: int) -> Probe:

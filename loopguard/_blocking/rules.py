@@ -132,16 +132,20 @@ DEFAULT_ALLOW: tuple[Allow, ...] = (
         direct=True,
         reason="handing work to a thread pool",
     ),
-    Allow(
-        "concurrent.futures._base",
-        calls=(
-            "threading.Condition.__enter__",
-            "threading.RLock.acquire",
-            "threading.Lock.acquire",
-        ),
-        direct=True,
-        reason="a future's own condition, never held across a wait: refusing it leaves the "
-        "future unset and its waiter hung",
+    *(
+        Allow(
+            module,
+            calls=(
+                "threading.Condition.__enter__",
+                "threading.RLock.acquire",
+                "threading.Lock.acquire",
+            ),
+            direct=True,
+            reason="a synchronisation object's own short critical section (a future's, an "
+            "event's, a queue's); its waits are checked on their own. Refused, a future "
+            "stayed unset and its waiter hung",
+        )
+        for module in ("concurrent.futures", "threading", "queue")
     ),
     Allow(
         "fastapi.routing",
