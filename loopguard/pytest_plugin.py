@@ -29,11 +29,11 @@ import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
-from ._blocking import Allow, BlockingGuard, format_rules
+from ._blocking import Allow, BlockingGuard, Mode, format_rules
 from ._core.frames import callback_frames, culprit_of, where
 from ._watchdog import Config, Watchdog
 from .events import BlockingCall, Event, Frame, StackSample, Stall
@@ -42,7 +42,8 @@ from .testing import LoopEvents, describe, settle
 
 __all__ = ["LoopguardPlugin"]
 
-_BLOCKING_CHOICES = ("raise", "warn", "off")
+# The guard's modes the plugin offers ("record" is what the events fixture uses).
+_BLOCKING_CHOICES = tuple(m for m in get_args(Mode) if m != "record")
 _GC_CHOICES = ("report", "fail")
 _MARKER_OPTIONS = ("enabled", "threshold", "blocking", "pending_tasks", "allow")
 _SECTION = "loopguard"

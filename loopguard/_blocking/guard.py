@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import CodeType
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, Literal, cast, get_args
 
 from ..events import BlockingCall
 from ..sinks import LoggingSink, Sink, SinkSet
@@ -33,8 +33,9 @@ __all__ = ["BlockingGuard", "Mode", "running_guards"]
 
 logger = logging.getLogger("loopguard")
 
+#: The guard's modes, defined here once (the CLI, the plugin and Config use these).
 Mode = Literal["off", "warn", "raise", "record"]
-_MODES = ("off", "warn", "raise", "record")
+_MODES: tuple[str, ...] = get_args(Mode)
 
 
 class BlockingGuard:
