@@ -684,12 +684,17 @@ async def test_trivial_but_collects():
 def test_gc_pause_is_reported_not_failed(pytester: pytest.Pytester) -> None:
     """A garbage-collection pause is no fault of the test that triggered it (by default)."""
     write(pytester, GC_TEST)
-    result = run(pytester, "--loopguard", "--loopguard-threshold=0.05")
+    # In a subprocess: the inner session's two-million-object heap must not outlive it.
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--loopguard", "--loopguard-threshold=0.05"
+    )
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         ["*test_trivial_but_collects: [[]gc[]] event loop blocked for * by garbage collection*"]
     )
-    strict = run(pytester, "--loopguard", "--loopguard-threshold=0.05", "--loopguard-gc=fail")
+    strict = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--loopguard", "--loopguard-threshold=0.05", "--loopguard-gc=fail"
+    )
     strict.assert_outcomes(failed=1)
     strict.stdout.fnmatch_lines(["*by garbage collection (generation 2*"])
     bad = run(pytester, "--loopguard", "--loopguard-gc=maybe")

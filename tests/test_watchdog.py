@@ -34,17 +34,20 @@ def run_on(loop_kind: str, coro_fn: Any) -> None:
 
 
 def stalls_of(wd: loopguard.Watchdog, timeout: float = 2.0) -> list[Stall]:
-    """The stalls once some were reported and no more are pending (or at the timeout).
+    """The stalls, once some were reported and no more came for a moment (or at timeout).
 
-    A loop in another thread may not even have started the stall yet, so this waits
-    for the first one to appear, then lets the watchdog flush the rest.
+    A loop in another thread may not even have started its stall yet, so this polls
+    for the first one, flushing what the sampler holds at each look.
     """
     deadline = time.monotonic() + timeout
-    while not wd.stalls and time.monotonic() < deadline:
+    last: list[Stall] = []
+    while time.monotonic() < deadline:
         wd.flush(0.05)
-        time.sleep(0.01)
-    wd.flush(max(0.0, deadline - time.monotonic()))
-    return wd.stalls
+        last = wd.stalls
+        time.sleep(0.05)
+        if last and last == wd.stalls:
+            break
+    return last
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
