@@ -7,7 +7,8 @@ The layers, lowest first (docs/explanation/architecture.md draws them):
 2. ``sinks``, ``metrics``: where events and numbers go.
 3. subsystems ``_blocking``, ``_watchdog``, ``_offload``.
 4. the API: ``__init__``, ``_api``, ``_boot``.
-5. entry points: ``testing``, ``pytest_plugin``, ``cli``, ``__main__``, ``_demo``.
+5. entry points: ``testing``, ``pytest_plugin`` (and its ``_plugin_rules``), ``cli``,
+   ``__main__``, ``_demo``.
 
 A module may import from its own layer or below, never above. Across subsystems only
 the subsystem's package is imported (``from .._blocking import X``), never one of its
@@ -40,6 +41,7 @@ LAYERS = {
     "_boot": 4,
     "testing": 5,
     "pytest_plugin": 5,
+    "_plugin_rules": 5,
     "cli": 5,
     "__main__": 5,
     "_demo": 5,

@@ -253,6 +253,9 @@ def _cpu_deltas(before: CpuSnapshot | None, after: CpuSnapshot | None) -> dict[i
     return {i: after.cpu[i] - before.cpu[i] for i in after.cpu if i in before.cpu}
 
 
+# diagnose() is longer than the other functions on purpose: it is the decision table of
+# docs/explanation/causes.md, read top to bottom in the order the rules apply; split
+# into helpers, the order of the rules would no longer be visible in one place.
 def diagnose(
     *,
     loop_ident: int,
