@@ -887,7 +887,7 @@ async def test_checkpoint_lets_other_tasks_run(anyio_backend: object) -> None:
 
 # -- the how-to pages' examples -------------------------------------------------------------
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 @pytest.mark.parametrize("page", ["how-to/offload.md", "how-to/yielding.md"])
