@@ -185,8 +185,8 @@ class LoopguardPlugin:
             raise pytest.UsageError(
                 f"loopguard_gc must be one of {', '.join(_GC_CHOICES)}, got {gc!r}"
             )
-        self.scope = Scope.configured(
-            [*config.getini("loopguard_scope"), *config.getoption("loopguard_scope")],
+        self.scope = Scope.configured(  # the command line wins over the ini key
+            config.getoption("loopguard_scope") or config.getini("loopguard_scope"),
             config.rootpath,
         )
         self.defaults = _Settings(

@@ -658,6 +658,10 @@ def test_scope_option_names_packages(pytester: pytest.Pytester) -> None:
     pytester.makeini(INI + "loopguard_scope =\n    otherpkg\n")
     run(pytester, "--loopguard").assert_outcomes(passed=1)
     run(pytester, "--loopguard", "--loopguard-scope=mypkg").assert_outcomes(failed=1)
+    pytester.makeini(INI + "loopguard_scope =\n    mypkg\n")
+    run(pytester, "--loopguard").assert_outcomes(failed=1)
+    # The command line wins over the ini key.
+    run(pytester, "--loopguard", "--loopguard-scope=otherpkg").assert_outcomes(passed=1)
     bad = run(pytester, "--loopguard", "--loopguard-scope=not a module")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*loopguard_scope: not a module name: 'not a module'*"])
