@@ -247,6 +247,19 @@ def _waiting(frames: tuple[Frame, ...]) -> bool:
     return classify(inner.file) == PLUMBING and inner.function.rsplit(".", 1)[-1] in _THREAD_WAITS
 
 
+# A thread that used less CPU than this share of a stall cannot have held the GIL for it.
+_MIN_HOG_SHARE = 0.1
+
+
+def _gone(
+    before: CpuSnapshot | None, after: CpuSnapshot | None, exclude: frozenset[int]
+) -> list[int]:
+    """Threads alive at the reading before a stall and gone at the one after it."""
+    if before is None or after is None:
+        return []
+    return [i for i in before.cpu if i not in after.cpu and i not in exclude]
+
+
 def _cpu_deltas(before: CpuSnapshot | None, after: CpuSnapshot | None) -> dict[int, float]:
     if before is None or after is None:
         return {}
@@ -322,11 +335,7 @@ def diagnose(
                 "gil", None, (), Hog(label, (), round(candidates[busiest], 4)), loop_cpu
             )
         # The hog may have exited during the stall: its clock is gone, its name is not.
-        gone = [
-            i
-            for i in (before.cpu if before else {})
-            if after is not None and i not in after.cpu and i not in exclude
-        ]
+        gone = _gone(before, after, exclude)
         if gone and before is not None:
             return Diagnosis(
                 "gil", None, (), Hog(before.names.get(gone[0], hex(gone[0])), ()), loop_cpu
@@ -357,6 +366,8 @@ def diagnose(
     candidates.pop(loop_ident, None)
     views = [v for v in (others, dump) if v]
     hog_ident = max(candidates, key=candidates.__getitem__) if candidates else None
+    if hog_ident is not None and candidates[hog_ident] < _MIN_HOG_SHARE * duration:
+        hog_ident = None  # an idle thread (a pool worker waiting for work) held nothing
     if hog_ident is None or not any(hog_ident in v for v in views):
         # The hog may have exited: fall back to a thread seen busy (not waiting) in a view.
         busy = [
@@ -366,6 +377,9 @@ def diagnose(
             if i != loop_ident and i not in exclude and frames and not _waiting(frames)
         ]
         hog_ident = busy[0] if busy else hog_ident
+    if hog_ident is None:
+        # Or it exited before the clocks were read again: alive before, gone after.
+        hog_ident = next(iter(_gone(before, after, exclude | {loop_ident})), None)
     hog = None
     culprit = None
     if hog_ident is not None:

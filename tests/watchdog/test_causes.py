@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures.thread
 import faulthandler
 import itertools
 import json
@@ -263,6 +264,39 @@ def test_diagnose_prefers_the_thread_that_burned_the_cpu() -> None:
     assert found.cause == "gil"
     assert found.hog is not None and found.hog.thread == "w2" and found.hog.cpu == 0.9
     assert found.culprit == busy[0]
+
+
+def test_diagnose_never_blames_an_idle_thread_for_a_hog_that_exited() -> None:
+    """A pool worker waiting for work used no CPU: the hog is the thread that exited."""
+    loop_stack = (Frame(sys.modules["selectors"].__file__ or "", 1, "EpollSelector.select"),)
+    waiting = (Frame(concurrent.futures.thread.__file__, 81, "_worker"),)
+    hog = (Frame("/app/jobs.py", 50, "hog"),)
+    before = CpuSnapshot(0.0, {1: 0.0, 2: 0.0, 3: 0.0}, {1: "Main", 2: "pool_0", 3: "hog"})
+    after = CpuSnapshot(1.3, {1: 0.004, 2: 0.0}, {1: "Main", 2: "pool_0"})  # 3 has exited
+    idle_loop = StackFolder()
+    idle_loop.add(loop_stack)  # sampled back in select(): the loop waited
+    found = diagnose(
+        loop_ident=1,
+        duration=1.25,
+        folder=idle_loop,
+        before=before,
+        after=after,
+        dump=None,
+        others={2: waiting, 3: hog},  # the last sample still saw it, on its way out
+    )
+    assert found.cause == "gil"
+    assert found.hog is not None and found.hog.thread == "hog"
+    assert found.culprit == hog[0]
+    gone = diagnose(
+        loop_ident=1,
+        duration=1.25,
+        folder=idle_loop,
+        before=before,
+        after=after,
+        dump=None,
+        others={2: waiting},  # never sampled: still named from the earlier reading
+    )
+    assert gone.hog is not None and gone.hog.thread == "hog"
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
