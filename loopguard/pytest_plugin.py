@@ -438,8 +438,15 @@ class LoopguardPlugin:
         stalls = [e for e in events if isinstance(e, Stall) and e.duration >= settings.threshold]
         calls = [e for e in events if isinstance(e, BlockingCall)]
         # One incident, one report: a stall that a warned call caused tells both facts.
-        caused = {s.blocking_call for s in stalls if s.blocking_call}
-        calls = [c for c in calls if not (c.action == "warn" and c.function in caused)]
+        # (The watchdog matched them: the call lasted at least half of the stall.)
+        caused = [(s.blocking_call, s.duration / 2) for s in stalls if s.blocking_call]
+        calls = [
+            c
+            for c in calls
+            if not (
+                c.action == "warn" and any(c.function == f and c.duration >= d for f, d in caused)
+            )
+        ]
         failing_calls = [e for e in calls if e.action == "raise"]
         noted: list[tuple[str, Event]] = [
             ("warn" if e.action == "warn" else "outside scope", e)

@@ -823,3 +823,26 @@ def test_gil_held_by_the_test_thread_is_not_the_loops_fault(pytester: pytest.Pyt
     result.stdout.fnmatch_lines(
         ["*test_client_side_work: [[]test thread[]] event loop blocked for * waiting for the GIL*"]
     )
+
+
+def test_one_incident_keeps_other_calls_of_the_same_function(pytester: pytest.Pytester) -> None:
+    """The stall names the long sleep; the short sleep elsewhere is still reported."""
+    write(
+        pytester,
+        """
+        @pytest.mark.asyncio
+        async def test_two_sleeps():
+            time.sleep(0.01)  # SHORT
+            await asyncio.sleep(0.05)
+            time.sleep(0.4)  # LONG
+            await asyncio.sleep(0.05)
+        """,
+    )
+    result = run(pytester, "--loopguard", "--loopguard-blocking=warn")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            f"*in blocking call time.sleep()*test_it.py:{line_in(pytester, '# LONG')}*",
+            f"*[[]warn[]] blocking call time.sleep()*test_it.py:{line_in(pytester, '# SHORT')}*",
+        ]
+    )
