@@ -54,6 +54,16 @@ __all__ = [
     "WEBSOCKET_RECEIVE_QUEUE_CAPACITY",
     "WEBSOCKET_RECEIVE_QUEUE_SIZE",
     "WEBSOCKET_RECEIVE_TIME_IN_QUEUE",
+    "BROADCAST_BACKPLANE_ERRORS",
+    "BROADCAST_BACKPLANE_LAG",
+    "BROADCAST_BACKPLANE_LOST",
+    "BROADCAST_BACKPLANE_RECONNECTS",
+    "BROADCAST_EVICTIONS",
+    "BROADCAST_FANOUT_DURATION",
+    "BROADCAST_MEMBER_COUNT",
+    "BROADCAST_MESSAGES",
+    "BROADCAST_QUEUE_SIZE",
+    "BROADCAST_SUBSCRIBER_COUNT",
     "InstrumentKind",
     "MetricSpec",
     "instrument",
@@ -92,6 +102,17 @@ WEBSOCKET_RECEIVE_MESSAGES = "websocket.receive.messages"
 WEBSOCKET_PROCESS_DURATION = "websocket.process.duration"
 WEBSOCKET_CONNECTIONS = "websocket.connections"
 WEBSOCKET_PING_RTT = "websocket.ping.rtt"
+# Broadcast (loopguard_integrations.broadcast).
+BROADCAST_SUBSCRIBER_COUNT = "broadcast.subscriber.count"
+BROADCAST_MEMBER_COUNT = "broadcast.group.member.count"
+BROADCAST_QUEUE_SIZE = "broadcast.queue.size"
+BROADCAST_MESSAGES = "broadcast.messages"
+BROADCAST_EVICTIONS = "broadcast.evictions"
+BROADCAST_FANOUT_DURATION = "broadcast.fanout.duration"
+BROADCAST_BACKPLANE_LAG = "broadcast.backplane.lag"
+BROADCAST_BACKPLANE_RECONNECTS = "broadcast.backplane.reconnects"
+BROADCAST_BACKPLANE_ERRORS = "broadcast.backplane.errors"
+BROADCAST_BACKPLANE_LOST = "broadcast.backplane.lost"
 
 # Bucket advice for histograms in seconds. The SDK's default boundaries (0, 5, 10,
 # 25, ... 10000) suit milliseconds and would put every loop delay in one bucket.
@@ -269,6 +290,73 @@ SPECS: Mapping[str, MetricSpec] = MappingProxyType(
                 "s",
                 "Round-trip time of WebSocket pings.",
                 buckets=_CALL_BUCKETS,
+            ),
+            # Broadcast.
+            MetricSpec(
+                BROADCAST_SUBSCRIBER_COUNT,
+                "updowncounter",
+                "{subscriber}",
+                "Broadcast subscribers (async with subscribe()) open now.",
+            ),
+            MetricSpec(
+                BROADCAST_MEMBER_COUNT,
+                "updowncounter",
+                "{connection}",
+                "WebSocket connections attached to broadcast groups now.",
+            ),
+            MetricSpec(
+                BROADCAST_QUEUE_SIZE,
+                "updowncounter",
+                "{message}",
+                "Messages queued for subscribers or connections, not yet read or sent.",
+                attributes=("broadcast.target",),
+            ),
+            MetricSpec(
+                BROADCAST_MESSAGES,
+                "counter",
+                "{message}",
+                "Messages handed to subscribers or connections, by outcome and drop reason.",
+                attributes=("broadcast.target", "broadcast.outcome", "broadcast.drop.reason"),
+            ),
+            MetricSpec(
+                BROADCAST_EVICTIONS,
+                "counter",
+                "{eviction}",
+                "Subscribers or connections closed for falling behind, by reason.",
+                attributes=("broadcast.target", "broadcast.eviction.reason"),
+            ),
+            MetricSpec(
+                BROADCAST_FANOUT_DURATION,
+                "histogram",
+                "s",
+                "Time one publish took to hand a message to every local reader.",
+                buckets=_CALL_BUCKETS,
+            ),
+            MetricSpec(
+                BROADCAST_BACKPLANE_LAG,
+                "histogram",
+                "s",
+                "Time from publish in another process to arrival here (wall clocks).",
+                buckets=_CALL_BUCKETS,
+            ),
+            MetricSpec(
+                BROADCAST_BACKPLANE_RECONNECTS,
+                "counter",
+                "{reconnect}",
+                "Times the Redis pub/sub connection was re-established after a loss.",
+            ),
+            MetricSpec(
+                BROADCAST_BACKPLANE_ERRORS,
+                "counter",
+                "{error}",
+                "Backplane errors (lost connections, failed connects and publishes).",
+                attributes=("error.type",),
+            ),
+            MetricSpec(
+                BROADCAST_BACKPLANE_LOST,
+                "counter",
+                "{message}",
+                "Messages other processes published that never arrived (sequence gaps).",
             ),
         )
     }

@@ -148,3 +148,53 @@ def redis(tmp: Path) -> Iterator[int]:
         yield port
     finally:
         _stop(proc)
+
+
+class RedisServer:
+    """A Redis server a test can kill and start again on the same port."""
+
+    def __init__(self, tmp: Path) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            missing("needs a Redis server (redis-server not found)")
+        assert server is not None
+        self._server, self._tmp = server, tmp
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start it (again) on its port and wait until it listens."""
+        log = self._tmp / "redis.log"
+        with log.open("ab") as out:
+            self._proc = subprocess.Popen(
+                [self._server, "--port", str(self.port), "--bind", "127.0.0.1"]
+                + ["--save", "", "--appendonly", "no", "--dir", str(self._tmp)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        _wait_for_port(self.port, self._proc, "redis-server", log)
+
+    def kill(self) -> None:
+        """Kill it with SIGKILL (no goodbye to its clients) and wait until it is gone."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def stop(self) -> None:
+        """Stop it if it runs."""
+        if self._proc is not None:
+            _stop(self._proc)
+            self._proc = None
+
+
+@contextlib.contextmanager
+def restartable_redis(tmp: Path) -> Iterator[RedisServer]:
+    """Run a Redis server that the test may kill and restart; yield it."""
+    server = RedisServer(tmp)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
