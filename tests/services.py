@@ -168,8 +168,11 @@ class RedisServer:
         log = self._tmp / "redis.log"
         with log.open("ab") as out:
             self._proc = subprocess.Popen(
-                [self._server, "--port", str(self.port), "--bind", "127.0.0.1"]
-                + ["--save", "", "--appendonly", "no", "--dir", str(self._tmp)],
+                [
+                    self._server,
+                    *("--port", str(self.port), "--bind", "127.0.0.1"),
+                    *("--save", "", "--appendonly", "no", "--dir", str(self._tmp)),
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

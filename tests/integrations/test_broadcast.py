@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import services
-
 from loopguard_integrations.broadcast import (
     BackplaneUnavailable,
     Broadcast,
@@ -116,7 +115,7 @@ async def test_unsupported_messages_and_channels_are_type_errors() -> None:
 async def test_the_broadcaster_shape_works_unchanged() -> None:
     """The code encode/broadcaster users have, with only the import changed."""
     received: list[Event] = []
-    async with Broadcast("memory://") as broadcast:
+    async with Broadcast("memory://") as broadcast:  # noqa: SIM117 - their code, as it is
         async with broadcast.subscribe(channel="chatroom") as subscriber:
             await broadcast.publish(channel="chatroom", message="hello")
             await broadcast.publish(channel="other", message="not for us")
@@ -151,7 +150,7 @@ async def test_iteration_ends_when_the_broadcast_disconnects() -> None:
 
 async def test_get_after_the_subscription_ended_raises_unsubscribed() -> None:
     async with Broadcast("memory://") as broadcast:
-        async with broadcast.subscribe("c") as subscriber:
+        async with broadcast.subscribe("c") as subscriber:  # noqa: SIM117 - ends before the raise
             pass
         with pytest.raises(Unsubscribed):
             await subscriber.get()
@@ -164,54 +163,58 @@ async def test_a_subscriber_that_never_reads_delays_nobody() -> None:
     """Thousands of publishes complete while one subscriber reads nothing; its drops are
     counted and a reading subscriber gets every message."""
     got: list[str | bytes] = []
-    async with Broadcast("memory://") as broadcast:
-        async with broadcast.subscribe("c", maxsize=10) as idle, broadcast.subscribe(
-            "c", maxsize=10_000
-        ) as reader:
-            for i in range(10_000):
-                report = await broadcast.publish("c", str(i))
-                assert report.delivered == 2
-                if i % 500 == 0:
-                    await asyncio.sleep(0)  # the test's own loop, not publish, would stall
-            assert idle.dropped == 10_000 - 10
-            assert idle.drops["overflow"] == 10_000 - 10
-            assert idle.pending == 10
-            # drop_oldest: the newest ten are the ones kept.
-            assert [(await idle.get()).message for _ in range(10)] == [
-                str(i) for i in range(9_990, 10_000)
-            ]
-            while reader.pending:
-                got.append((await reader.get()).message)
-                if len(got) % 500 == 0:
-                    await asyncio.sleep(0)
+    async with (
+        Broadcast("memory://") as broadcast,
+        broadcast.subscribe("c", maxsize=10) as idle,
+        broadcast.subscribe("c", maxsize=10_000) as reader,
+    ):
+        for i in range(10_000):
+            report = await broadcast.publish("c", str(i))
+            assert report.delivered == 2
+            if i % 500 == 0:
+                await asyncio.sleep(0)  # the test's own loop, not publish, would stall
+        assert idle.dropped == 10_000 - 10
+        assert idle.drops["overflow"] == 10_000 - 10
+        assert idle.pending == 10
+        # drop_oldest: the newest ten are the ones kept.
+        assert [(await idle.get()).message for _ in range(10)] == [
+            str(i) for i in range(9_990, 10_000)
+        ]
+        while reader.pending:
+            got.append((await reader.get()).message)
+            if len(got) % 500 == 0:
+                await asyncio.sleep(0)
     assert got == [str(i) for i in range(10_000)]
 
 
 async def test_drop_newest_keeps_the_first_messages() -> None:
-    async with Broadcast("memory://") as broadcast:
-        async with broadcast.subscribe("c", maxsize=3, overflow="drop_newest") as sub:
-            reports = [await broadcast.publish("c", str(i)) for i in range(5)]
-            assert [r.dropped for r in reports] == [0, 0, 0, 1, 1]
-            assert [(await sub.get()).message for _ in range(3)] == ["0", "1", "2"]
-            assert sub.dropped == 2
+    async with (
+        Broadcast("memory://") as broadcast,
+        broadcast.subscribe("c", maxsize=3, overflow="drop_newest") as sub,
+    ):
+        reports = [await broadcast.publish("c", str(i)) for i in range(5)]
+        assert [r.dropped for r in reports] == [0, 0, 0, 1, 1]
+        assert [(await sub.get()).message for _ in range(3)] == ["0", "1", "2"]
+        assert sub.dropped == 2
 
 
 async def test_close_ends_a_lagging_subscriber_after_what_it_had() -> None:
-    async with Broadcast("memory://") as broadcast:
-        async with broadcast.subscribe("c", maxsize=2, overflow="close") as sub, broadcast.subscribe(
-            "c"
-        ) as other:
-            for i in range(3):
-                report = await broadcast.publish("c", str(i))
-            assert report.evicted == 1
-            assert report.delivered == 1  # the other subscriber
-            assert [e.message async for e in _take(sub, 2)] == ["0", "1"]
-            with pytest.raises(SubscriberOverflow, match="maxsize=2"):
-                await sub.get()
-            assert sub.overflowed
-            # Publishing goes on for the others.
-            await broadcast.publish("c", "3")
-            assert other.pending == 4
+    async with (
+        Broadcast("memory://") as broadcast,
+        broadcast.subscribe("c", maxsize=2, overflow="close") as sub,
+        broadcast.subscribe("c") as other,
+    ):
+        for i in range(3):
+            report = await broadcast.publish("c", str(i))
+        assert report.evicted == 1
+        assert report.delivered == 1  # the other subscriber
+        assert [e.message async for e in _take(sub, 2)] == ["0", "1"]
+        with pytest.raises(SubscriberOverflow, match="maxsize=2"):
+            await sub.get()
+        assert sub.overflowed
+        # Publishing goes on for the others.
+        await broadcast.publish("c", "3")
+        assert other.pending == 4
 
 
 async def _take(sub: Any, n: int) -> AsyncIterator[Event]:
@@ -220,24 +223,28 @@ async def _take(sub: Any, n: int) -> AsyncIterator[Event]:
 
 
 async def test_max_bytes_drops_a_message_too_large() -> None:
-    async with Broadcast("memory://") as broadcast:
-        async with broadcast.subscribe("c", max_bytes=10) as sub:
-            report = await broadcast.publish("c", "é" * 6)  # 12 bytes in UTF-8
-            assert report.dropped == 1
-            assert sub.drops["too_large"] == 1
+    async with (
+        Broadcast("memory://") as broadcast,
+        broadcast.subscribe("c", max_bytes=10) as sub,
+    ):
+        report = await broadcast.publish("c", "é" * 6)  # 12 bytes in UTF-8
+        assert report.dropped == 1
+        assert sub.drops["too_large"] == 1
 
 
 async def test_block_makes_publish_wait_for_room() -> None:
-    async with Broadcast("memory://") as broadcast:
-        async with broadcast.subscribe("c", maxsize=1, overflow="block") as sub:
-            await broadcast.publish("c", "1")
-            second = asyncio.create_task(broadcast.publish("c", "2"))
-            await asyncio.sleep(0.05)
-            assert not second.done()  # waiting for room
-            assert (await sub.get()).message == "1"
-            await asyncio.wait_for(second, 5)
-            assert (await sub.get()).message == "2"
-            assert sub.dropped == 0
+    async with (
+        Broadcast("memory://") as broadcast,
+        broadcast.subscribe("c", maxsize=1, overflow="block") as sub,
+    ):
+        await broadcast.publish("c", "1")
+        second = asyncio.create_task(broadcast.publish("c", "2"))
+        await asyncio.sleep(0.05)
+        assert not second.done()  # waiting for room
+        assert (await sub.get()).message == "1"
+        await asyncio.wait_for(second, 5)
+        assert (await sub.get()).message == "2"
+        assert sub.dropped == 0
 
 
 # -- Redis ---------------------------------------------------------------------------------
@@ -248,16 +255,20 @@ async def test_redis_delivers_across_broadcasts_once_each(
 ) -> None:
     """Two Broadcasts (two connections, as two processes would have): each subscriber
     gets each message once; the publisher's own echo from Redis is skipped."""
-    async with Broadcast(redis_server.url) as a, Broadcast(redis_server.url) as b:
-        async with a.subscribe("room") as sub_a, b.subscribe("room") as sub_b:
-            await a.publish("room", "from a")
-            await b.publish("room", b"from b")
-            got_a = [(await asyncio.wait_for(sub_a.get(), 5)).message for _ in range(2)]
-            got_b = [(await asyncio.wait_for(sub_b.get(), 5)).message for _ in range(2)]
-            await wait_for(lambda: a.stats.echoes == 1 and b.stats.echoes == 1)
-            await asyncio.sleep(0.2)  # time for a duplicate to show up if there were one
-            assert sub_a.pending == 0
-            assert sub_b.pending == 0
+    async with (
+        Broadcast(redis_server.url) as a,
+        Broadcast(redis_server.url) as b,
+        a.subscribe("room") as sub_a,
+        b.subscribe("room") as sub_b,
+    ):
+        await a.publish("room", "from a")
+        await b.publish("room", b"from b")
+        got_a = [(await asyncio.wait_for(sub_a.get(), 5)).message for _ in range(2)]
+        got_b = [(await asyncio.wait_for(sub_b.get(), 5)).message for _ in range(2)]
+        await wait_for(lambda: a.stats.echoes == 1 and b.stats.echoes == 1)
+        await asyncio.sleep(0.2)  # time for a duplicate to show up if there were one
+        assert sub_a.pending == 0
+        assert sub_b.pending == 0
     assert sorted(got_a, key=str) == sorted(["from a", b"from b"], key=str)
     assert sorted(got_b, key=str) == sorted(["from a", b"from b"], key=str)
     assert a.stats.received == 1
@@ -268,9 +279,8 @@ async def test_redis_delivers_across_broadcasts_once_each(
 async def test_plain_redis_publishes_are_delivered_as_they_are(
     redis_server: services.RedisServer,
 ) -> None:
-    from redis.asyncio import Redis
-
     from loopguard_integrations.broadcast._redis import _client_options
+    from redis.asyncio import Redis
 
     client = Redis.from_url(redis_server.url, **_client_options())
     try:
@@ -305,9 +315,7 @@ async def test_redis_restart_resumes_delivery_and_counts_the_gap(
     caplog.set_level(logging.WARNING, logger="loopguard.broadcast")
     received: list[int] = []
     failed = 0
-    async with Broadcast(redis_server.url) as publisher, Broadcast(
-        redis_server.url
-    ) as listener:
+    async with Broadcast(redis_server.url) as publisher, Broadcast(redis_server.url) as listener:
 
         async def listen() -> None:
             async with listener.subscribe("ticks") as sub:

@@ -49,8 +49,10 @@ class Adapter:
 
     @staticmethod
     def write_now(adapters: Sequence[Adapter], message: str | bytes) -> None:
-        """Write a message to connections that are :meth:`ready` (never called for
-        adapters whose ``ready`` is always false)."""
+        """Write a message at once to connections that are :meth:`ready`.
+
+        Never called for adapters whose ``ready`` is always false.
+        """
         raise NotImplementedError
 
 
@@ -115,9 +117,7 @@ def adapt(connection: object) -> Adapter:
         return WebsocketsAdapter(connection)
     if hasattr(connection, "send_text") and hasattr(connection, "send_bytes"):
         return StarletteAdapter(connection)
-    if callable(getattr(connection, "send", None)) and callable(
-        getattr(connection, "close", None)
-    ):
+    if callable(getattr(connection, "send", None)) and callable(getattr(connection, "close", None)):
         return Adapter(connection)
     raise TypeError(
         f"cannot attach a {type(connection).__name__}: expected a Starlette/FastAPI "

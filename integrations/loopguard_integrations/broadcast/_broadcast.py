@@ -364,11 +364,11 @@ class Broadcast:
 
     async def _listen(self, channel: str) -> None:
         """Make the backplane subscription of a channel match its local listeners."""
-        if self._backplane is None:
+        if self._url.scheme == "memory":
             return
         async with self._lock:
             backplane = self._backplane
-            if backplane is None:
+            if backplane is None:  # disconnect() meanwhile
                 return
             wanted = channel in self._subscribers or channel in self._groups
             if wanted and channel not in self._listening:

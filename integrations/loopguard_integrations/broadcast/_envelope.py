@@ -1,4 +1,4 @@
-"""What goes over Redis: the envelope around a message, and counting what never came.
+r"""What goes over Redis: the envelope around a message, and counting what never came.
 
 Each message is sent as one Redis pub/sub payload::
 
@@ -75,8 +75,11 @@ def _remember(table: OrderedDict[bytes, int], key: bytes, value: int) -> None:
 
 
 class Numbering:
-    """A publisher's next sequence number per channel (bounded: channels unused for
-    longest start again at 1, which receivers take as a restart, not a loss)."""
+    """A publisher's next sequence number per channel.
+
+    Bounded: the channels unused for longest start again at 1, which receivers take as
+    a restart, not a loss.
+    """
 
     def __init__(self) -> None:
         self._last: OrderedDict[bytes, int] = OrderedDict()
@@ -118,6 +121,9 @@ class GapCounter:
         return seq - last - 1
 
     def forget(self, channel: str) -> None:
-        """Drop the baselines of a channel no longer listened to (a later message on it
-        starts a new baseline instead of counting the unheard ones as lost)."""
+        """Drop the baselines of a channel no longer listened to.
+
+        A later message on it starts a new baseline instead of counting the messages
+        not listened to as lost.
+        """
         self._last.pop(channel, None)

@@ -48,7 +48,16 @@ class Member:
             ``"send_timeout"``).
     """
 
-    __slots__ = ("_adapter", "_busy", "_queue", "_writer", "connection", "evicted", "sent")
+    __slots__ = (
+        "__weakref__",
+        "_adapter",
+        "_busy",
+        "_queue",
+        "_writer",
+        "connection",
+        "evicted",
+        "sent",
+    )
 
     def __init__(self, connection: object, adapter: Adapter, queue: BoundedQueue[str | bytes]):
         self.connection = connection
@@ -112,7 +121,7 @@ class Group:
         limit: asyncio.Semaphore | None = None,
     ) -> None:
         check_bounds(maxsize, max_bytes, overflow)
-        if overflow == "block":
+        if overflow not in ("close", "drop_oldest", "drop_newest"):
             raise ValueError(
                 "overflow must be 'close', 'drop_oldest' or 'drop_newest' for a group: "
                 "'block' would let one slow connection hold up every publish"

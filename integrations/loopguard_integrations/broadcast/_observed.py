@@ -64,9 +64,7 @@ def _queued() -> list[tuple[float, metrics.Attributes | None]]:
     for broadcast in _owners("Broadcast"):
         for subs in _copy(broadcast._subscribers.values()):
             subscribers += sum(s.pending for s in _copy(subs))
-    connections = sum(
-        len(m._queue) for g in _owners("Group") for m in _copy(g._members)
-    )
+    connections = sum(len(m._queue) for g in _owners("Group") for m in _copy(g._members))
     return [
         (subscribers, {"broadcast.target": "subscriber"}),
         (connections, {"broadcast.target": "connection"}),

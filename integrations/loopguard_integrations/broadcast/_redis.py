@@ -44,7 +44,7 @@ _SUBSCRIBE_WAIT = 5.0
 
 def _backoff(attempt: int) -> float:
     delay = min(_BACKOFF_CAP, _BACKOFF_FIRST * 2**attempt)
-    return delay * random.uniform(0.75, 1.25)
+    return float(delay * random.uniform(0.75, 1.25))
 
 
 def _client_options() -> dict[str, Any]:
@@ -159,7 +159,7 @@ class RedisBackplane:
             socket_connect_timeout=2.0,
             **_client_options(),
         )
-        pubsub = client.pubsub()
+        pubsub: Any = client.pubsub()
         try:
             await pubsub.ping()  # opens the connection, fails fast if Redis is away
             if self._channels:

@@ -54,8 +54,11 @@ class Subscriber:
 
     @property
     def drops(self) -> dict[str, int]:
-        """Messages dropped so far by reason (``"overflow"``, ``"too_large"``,
-        ``"discarded"``: still queued when the subscription ended)."""
+        """Messages dropped so far, by reason.
+
+        ``"overflow"``, ``"too_large"``, ``"discarded"`` (still queued when the
+        subscription ended).
+        """
         return dict(self._queue.drops)
 
     @property

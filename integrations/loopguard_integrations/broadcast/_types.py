@@ -91,8 +91,11 @@ class BroadcastStats:
 
 
 class Unsubscribed(Exception):
-    """``Subscriber.get()`` after the subscription ended (the ``async with`` exited or
-    the broadcast disconnected); ``async for`` simply stops instead."""
+    """``Subscriber.get()`` after the subscription ended.
+
+    The ``async with`` exited or the broadcast disconnected; ``async for`` simply stops
+    instead.
+    """
 
 
 class SubscriberOverflow(Exception):
@@ -104,5 +107,8 @@ class SubscriberOverflow(Exception):
 
 
 class BackplaneUnavailable(ConnectionError):
-    """The backplane (Redis) cannot be reached: at ``connect()`` after the bounded
-    retries, or at ``publish()`` during an outage (the message reached no one)."""
+    """The backplane (Redis) cannot be reached.
+
+    Raised by ``connect()`` after the bounded retries, and by ``publish()`` during an
+    outage (the message reached no one, so retrying is safe).
+    """
