@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
-
 from loopguard_integrations.broadcast import BackplaneUnavailable, Broadcast, Group
 
 BROADCAST_URL = os.environ.get("CHAT_BROADCAST_URL", "redis://127.0.0.1:6379/0")

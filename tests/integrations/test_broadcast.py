@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio  # noqa: F401 - imported before any loop runs, as an app does
 import services
 from loopguard_integrations.broadcast import (
     BackplaneUnavailable,
@@ -150,7 +151,7 @@ async def test_iteration_ends_when_the_broadcast_disconnects() -> None:
 
 async def test_get_after_the_subscription_ended_raises_unsubscribed() -> None:
     async with Broadcast("memory://") as broadcast:
-        async with broadcast.subscribe("c") as subscriber:  # noqa: SIM117 - ends before the raise
+        async with broadcast.subscribe("c") as subscriber:
             pass
         with pytest.raises(Unsubscribed):
             await subscriber.get()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio  # noqa: F401 - imported before any loop runs, as an app does
 import services
 from loopguard_integrations.broadcast import Broadcast, Group, Member
 from websockets.asyncio.client import ClientConnection, connect

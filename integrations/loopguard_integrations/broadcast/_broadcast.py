@@ -21,7 +21,7 @@ from loopguard import metrics
 
 from .._queue import Overflow, QueueClosed, check_bounds
 from . import _observed
-from ._redis import RedisBackplane
+from ._redis import RedisBackplane, require_redis
 from ._subscriber import Subscriber
 from ._types import BroadcastStats, Delivery, Event
 from ._url import parse_url
@@ -74,10 +74,13 @@ class Broadcast:
         ValueError: Unknown scheme or malformed URL (the message names it), or a bad
             ``connect_timeout``/``send_limit``.
         TypeError: ``url`` is not a string.
+        ImportError: A Redis URL, and redis-py is not installed.
     """
 
     def __init__(self, url: str, *, connect_timeout: float = 10.0, send_limit: int = 256) -> None:
         self._url = parse_url(url)
+        if self._url.scheme != "memory":
+            require_redis(self._url.safe)
         if not connect_timeout > 0:
             raise ValueError(f"connect_timeout must be > 0 seconds, got {connect_timeout!r}")
         if isinstance(send_limit, bool) or not isinstance(send_limit, int) or send_limit < 1:

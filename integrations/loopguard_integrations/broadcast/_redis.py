@@ -28,7 +28,7 @@ from ._envelope import GapCounter, Numbering, Unpacked, new_origin, pack, unpack
 from ._types import BackplaneUnavailable, BroadcastStats
 from ._url import BroadcastURL
 
-__all__ = ["RedisBackplane"]
+__all__ = ["RedisBackplane", "require_redis"]
 
 logger = logging.getLogger("loopguard.broadcast")
 
@@ -45,6 +45,21 @@ _SUBSCRIBE_WAIT = 5.0
 def _backoff(attempt: int) -> float:
     delay = min(_BACKOFF_CAP, _BACKOFF_FIRST * 2**attempt)
     return float(delay * random.uniform(0.75, 1.25))
+
+
+def require_redis(url: str) -> None:
+    """Import redis-py now (at construction, usually before the loop runs: importing it
+    takes a few hundred milliseconds that would otherwise stall the loop in connect()).
+
+    Raises:
+        ImportError: redis-py is not installed; the message says how to get it.
+    """
+    try:
+        import redis.asyncio  # noqa: F401
+        import redis.asyncio.retry  # noqa: F401
+        import redis.backoff  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"Broadcast({url!r}) needs redis-py: pip install 'redis>=5'") from exc
 
 
 def _client_options() -> dict[str, Any]:
