@@ -48,15 +48,17 @@ def _backoff(attempt: int) -> float:
 
 
 def require_redis(url: str) -> None:
-    """Import redis-py now (at construction, usually before the loop runs: importing it
-    takes a few hundred milliseconds that would otherwise stall the loop in connect()).
+    """Import redis-py now, at construction.
+
+    Construction usually happens before the loop runs; importing redis-py takes a few
+    hundred milliseconds that would otherwise stall the loop in ``connect()``.
 
     Raises:
         ImportError: redis-py is not installed; the message says how to get it.
     """
     try:
-        import redis.asyncio  # noqa: F401
-        import redis.asyncio.retry  # noqa: F401
+        import redis.asyncio
+        import redis.asyncio.retry
         import redis.backoff  # noqa: F401
     except ImportError as exc:
         raise ImportError(f"Broadcast({url!r}) needs redis-py: pip install 'redis>=5'") from exc
