@@ -227,7 +227,7 @@ class Broadcast:
         groups = self._groups.get(channel)
         if groups:
             for group in tuple(groups):
-                to_connections.add(group.offer(message, size))
+                to_connections.add(await group.fan_out(message, size))
         for subscriber in blocking:
             # Documented: a "block" subscriber makes publish (and, with Redis, this
             # process's reader) wait for room in its queue.

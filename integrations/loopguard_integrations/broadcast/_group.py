@@ -3,9 +3,10 @@
 This module owns the members of a group (a room), each with a bounded send queue and
 one writer task; the policy for a connection that falls behind (evict it, closing
 with 1013, or drop messages); removal of a connection the moment its handler leaves;
-and the counts of what each fan-out did. A fan-out (:meth:`Group.offer`) never waits:
-it writes at once to connections with room in their socket buffer (where the library
-allows it), queues for the others, and applies the policy to full queues.
+and the counts of what each fan-out did. A fan-out (:meth:`Group.fan_out`) never waits
+for a reader: it writes at once to connections with room in their socket buffer (where
+the library allows it), queues for the others, and applies the policy to full queues,
+in slices of a few milliseconds so that the loop keeps running.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ __all__ = ["Group", "GroupOverflow", "Member"]
 GroupOverflow = Literal["drop_oldest", "drop_newest", "close"]
 
 _CLOSE_TIMEOUT = 5.0
+# Longest a fan-out serves members before it lets the loop run.
+_SLICE_SECONDS = 0.005
 # Close codes (RFC 6455 and the IANA registry): message too big, try again later.
 _CODE_TOO_BIG = 1009
 _CODE_TRY_AGAIN_LATER = 1013
@@ -80,7 +83,7 @@ class Member:
 
 
 class Group:
-    """Connections that each receive every message offered to the group.
+    """Connections that each receive every message sent to the group.
 
     Use :meth:`Broadcast.group` to have a channel's messages (from every process) sent
     to the group, or create one directly for a single process and call
@@ -142,6 +145,7 @@ class Group:
         self._limit = limit if limit is not None else asyncio.Semaphore(send_limit)
         self._members: dict[Member, None] = {}  # insertion-ordered set
         self._closers: set[asyncio.Task[None]] = set()
+        self._fanning = asyncio.Lock()
         self._closed = False
         _observed.track(self)
 
@@ -218,7 +222,8 @@ class Group:
     async def publish(self, message: str | bytes) -> Delivery:
         """Send a message to every member of this group, in this process only.
 
-        Returns as soon as every member has it queued (or written); see :meth:`offer`.
+        Returns as soon as every member has it queued or written (see
+        :meth:`fan_out`); never waits for a member to read.
 
         Raises:
             TypeError: The message is not ``str`` or ``bytes``.
@@ -226,16 +231,19 @@ class Group:
         from ._broadcast import message_size
 
         started = time.perf_counter()
-        report = self.offer(message, message_size(message))
+        report = await self.fan_out(message, message_size(message))
         metrics.record(metrics.BROADCAST_FANOUT_DURATION, time.perf_counter() - started)
         return report
 
-    def offer(self, message: str | bytes, size: int) -> Delivery:
-        """Give a message to every member now, without waiting for any of them.
+    async def fan_out(self, message: str | bytes, size: int) -> Delivery:
+        """Give a message to every member, without waiting for any of them to read.
 
         A member with nothing queued whose socket buffer has room gets it written at
         once (``websockets`` connections); the others get it queued for their writer.
-        A full queue applies the group's policy.
+        A full queue applies the group's policy. Members are served in slices of a few
+        milliseconds with the loop let run between them, so a fan-out to thousands of
+        connections never holds the loop for long; fan-outs of one group run one at a
+        time, so every member gets messages in publish order.
 
         Args:
             message: The message.
@@ -248,25 +256,45 @@ class Group:
         report = Delivery()
         if self._closed or not self._members:
             return report
+        async with self._fanning:
+            members = list(self._members)
+            start = 0
+            while start < len(members):
+                end = self._slice(members, start, message, size, report)
+                start = end
+                if start < len(members):
+                    await asyncio.sleep(0)  # let the loop run between slices
+        _observed.count_connection_delivery(report, too_large=self._too_large(size))
+        return report
+
+    def _slice(
+        self, members: list[Member], start: int, message: str | bytes, size: int, report: Delivery
+    ) -> int:
+        """Serve members from ``start`` for about one slice of time; return where it stopped."""
+        deadline = time.perf_counter() + _SLICE_SECONDS
         direct: list[Adapter] = []
         direct_members: list[Member] = []
         evict: list[Member] = []
-        for member in self._members:
+        index = start
+        for index in range(start, len(members)):
+            member = members[index]
+            if (index - start) % 64 == 63 and time.perf_counter() > deadline:
+                break
             queue = member._queue
+            if queue.closed:
+                continue
             if not member._busy and not queue and member._adapter.ready():
                 direct.append(member._adapter)
                 direct_members.append(member)
                 continue
             dropped = queue.dropped
-            try:
-                queued = queue.put_nowait(message, size)
-            except QueueClosed:
-                continue
-            if queued:
+            if queue.put_nowait(message, size):
                 report.delivered += 1
             elif queue.overflowed is not None:
                 evict.append(member)
             report.dropped += queue.dropped - dropped
+        else:
+            index = len(members)
         if direct:
             try:
                 type(direct[0]).write_now(direct, message)
@@ -281,9 +309,8 @@ class Group:
             report.delivered += len(direct)
         for member in evict:
             self._evict(member, member._queue.overflowed or "overflow")
-        report.evicted = len(evict)
-        _observed.count_connection_delivery(report, too_large=self._too_large(size))
-        return report
+        report.evicted += len(evict)
+        return index
 
     def _too_large(self, size: int) -> bool:
         return self.max_bytes is not None and size > self.max_bytes
