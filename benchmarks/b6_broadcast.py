@@ -1,0 +1,540 @@
+"""B6: fan-out of one message to thousands of real WebSocket connections.
+
+A ``websockets`` server process holds N connections opened by client processes on
+loopback, and publishes a numbered message every few milliseconds, four ways:
+
+- ``sequential``: ``for ws in clients: await ws.send(m)`` (the pattern that tutorials
+  show),
+- ``gather``: ``await asyncio.gather(*(ws.send(m) for ws in clients))``, unbounded,
+- ``websockets.broadcast``: the library's synchronous write to every connection,
+- ``loopguard``: ``await broadcast.publish(channel, m)`` to a ``Broadcast("memory://")``
+  group the connections are attached to.
+
+Each message carries the server's ``time.monotonic()`` at publish; clients (separate
+processes, the same clock) record when each message arrives. Reported per variant:
+publish-to-last-delivery (the slowest healthy client) p50/p99 over the publishes, the
+p99 of every single delivery, the longest loop stall on the server while publishing
+(a 1 ms ticker's worst lateness), and the server's RSS. Then again with 1 % of the
+clients that stop reading (a handshake, then nothing: a tiny receive window that fills
+after a few kilobytes). A variant that cannot deliver a publish within a few seconds
+is marked stalled (the rest of its run is not measured).
+
+Server sockets' send buffers are capped at 64 KiB for every variant, so a client that
+stops reading backs up after kilobytes rather than the megabytes Linux allows on
+loopback; it does not slow healthy clients down at these message sizes.
+
+A last part opens and closes 10,000 connections on a group and reports members left
+and memory before and after.
+
+Run it alone with ``python benchmarks/b6_broadcast.py [--quick]``, or through
+``benchmarks/run.py --only b6``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import os
+import random
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _path in (str(HERE), str(ROOT), str(ROOT / "integrations")):
+    if _path not in sys.path:  # run from a checkout without installing
+        sys.path.insert(0, _path)
+
+import _harness as h  # noqa: E402
+
+NAME = "b6"
+TITLE = "B6: broadcast fan-out to real WebSocket connections"
+VARIANTS = ("sequential", "gather", "websockets.broadcast", "loopguard")
+MESSAGE_BYTES = 4096
+SNDBUF = 64 * 1024
+CLIENT_PROCESSES = 4
+STALL_AFTER = 3.0  # a publish not done by then: the variant is stalled
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# -- server ------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> dict[str, Any]:
+    from loopguard_integrations.broadcast import Broadcast
+    from websockets.asyncio.server import ServerConnection, serve
+    from websockets.exceptions import ConnectionClosed
+
+    variant = args.variant
+    clients: set[ServerConnection] = set()
+    broadcast = Broadcast("memory://")
+    await broadcast.connect()
+    group_cm = broadcast.group("bench", maxsize=32)
+    group = await group_cm.__aenter__()
+
+    async def handler(ws: ServerConnection) -> None:
+        sock = ws.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        with contextlib.suppress(ConnectionClosed):
+            if variant == "loopguard":
+                async with group.attach(ws):
+                    async for _ in ws:
+                        pass
+            else:
+                clients.add(ws)
+                try:
+                    async for _ in ws:
+                        pass
+                finally:
+                    clients.discard(ws)
+
+    async def publish(message: str) -> None:
+        if variant == "sequential":
+            for ws in list(clients):
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(message)
+        elif variant == "gather":
+            await asyncio.gather(
+                *(ws.send(message) for ws in list(clients)), return_exceptions=True
+            )
+        elif variant == "websockets.broadcast":
+            import websockets
+
+            websockets.broadcast(list(clients), message)
+        else:
+            await broadcast.publish("bench", message)
+
+    def members() -> int:
+        return group.members if variant == "loopguard" else len(clients)
+
+    worst = 0.0
+    ticking = True
+
+    async def ticker() -> None:
+        nonlocal worst
+        while ticking:
+            before = time.monotonic()
+            await asyncio.sleep(0.001)
+            worst = max(worst, time.monotonic() - before - 0.001)
+
+    async with serve(handler, "127.0.0.1", 0, max_queue=16, compression=None) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        print(f"PORT {port}", flush=True)
+        deadline = time.monotonic() + 120
+        while members() < args.expect and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        connected = members()
+        await asyncio.sleep(0.5)
+        rss_before = _rss()
+        tick = asyncio.create_task(ticker())
+        await asyncio.sleep(0.05)
+        worst = 0.0
+        padding = "x" * MESSAGE_BYTES
+        published = 0
+        stalled = False
+        durations = []
+        for seq in range(args.publishes):
+            started = time.monotonic()
+            message = f"{seq} {started:.9f} {padding}"
+            try:
+                await asyncio.wait_for(publish(message), STALL_AFTER)
+            except asyncio.TimeoutError:
+                stalled = True
+                break
+            durations.append(time.monotonic() - started)
+            published += 1
+            await asyncio.sleep(args.interval)
+        await asyncio.sleep(0.5)
+        ticking = False
+        await tick
+        rss_after = _rss()
+        print("DONE", flush=True)
+        # Let clients finish reading before connections close.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline), 60
+            )
+        result = {
+            "connected": connected,
+            "published": published,
+            "stalled": stalled,
+            "worst_stall": worst,
+            "publish_p50": statistics.median(durations) if durations else None,
+            "rss_before": rss_before,
+            "rss_after": rss_after,
+            "evicted": sum(group.evictions.values()),
+        }
+        server.close(close_connections=False)
+        for ws in list(clients):
+            ws.transport.abort()
+        await group_cm.__aexit__(None, None, None)
+    return result
+
+
+# -- clients -----------------------------------------------------------------------
+
+
+async def _stuck(host: str, port: int) -> asyncio.StreamWriter:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    await reader.readuntil(b"\r\n\r\n")
+    writer.transport.pause_reading()  # type: ignore[attr-defined]
+    return writer
+
+
+async def _clients(args: argparse.Namespace) -> dict[str, Any]:
+    from websockets.asyncio.client import ClientConnection, connect
+
+    host, port = "127.0.0.1", args.port
+    latencies: list[list[float]] = [[] for _ in range(args.publishes)]
+    healthy: list[ClientConnection] = []
+    stuck = []
+    for i in range(args.count):
+        if i < args.slow:
+            stuck.append(await _stuck(host, port))
+        else:
+            healthy.append(
+                await connect(
+                    f"ws://{host}:{port}", max_queue=None, compression=None, open_timeout=60
+                )
+            )
+    print("CONNECTED", flush=True)
+    stop = asyncio.Event()
+
+    async def read(ws: ClientConnection) -> None:
+        with contextlib.suppress(Exception):
+            while not stop.is_set():
+                message = await ws.recv()
+                now = time.monotonic()
+                seq, sent, _ = str(message).split(" ", 2)
+                latencies[int(seq)].append(now - float(sent))
+
+    readers = [asyncio.create_task(read(ws)) for ws in healthy]
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await asyncio.sleep(0.2)
+    stop.set()
+    for task in readers:
+        task.cancel()
+    for ws in healthy:
+        ws.transport.abort()
+    for writer in stuck:
+        writer.transport.abort()
+    return {"healthy": len(healthy), "latencies": [[round(x, 6) for x in seq] for seq in latencies]}
+
+
+# -- one measurement ---------------------------------------------------------------
+
+
+def _spawn(role: str, *extra: str) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), str(ROOT / "integrations"), env.get("PYTHONPATH", "")]
+    )
+    return subprocess.Popen(
+        [sys.executable, __file__, "--role", role, *extra],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _line(proc: subprocess.Popen[str], want: str) -> str:
+    assert proc.stdout is not None
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"child exited before {want!r}")
+        if line.startswith(want):
+            return line.strip()
+
+
+def _result(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    assert proc.stdout is not None
+    out, _ = proc.communicate(timeout=120)
+    payload = h.parse_result(out)
+    if payload is None:
+        raise RuntimeError(f"no result from child (exit {proc.returncode})")
+    info: dict[str, Any] = payload["info"]
+    return info
+
+
+def measure(variant: str, n: int, slow: int, publishes: int, interval: float) -> dict[str, Any]:
+    """One server and its client processes; every number of one table row."""
+    server = _spawn(
+        "server", "--variant", variant, "--expect", str(n),
+        "--publishes", str(publishes), "--interval", str(interval),
+    )  # fmt: skip
+    port = int(_line(server, "PORT").split()[1])
+    per = [
+        n // CLIENT_PROCESSES + (1 if i < n % CLIENT_PROCESSES else 0)
+        for i in range(CLIENT_PROCESSES)
+    ]
+    slow_per = [
+        slow // CLIENT_PROCESSES + (1 if i < slow % CLIENT_PROCESSES else 0)
+        for i in range(CLIENT_PROCESSES)
+    ]
+    clients = [
+        _spawn(
+            "clients",
+            "--port",
+            str(port),
+            "--count",
+            str(c),
+            "--slow",
+            str(s),
+            "--publishes",
+            str(publishes),
+        )
+        for c, s in zip(per, slow_per, strict=True)
+    ]
+    try:
+        for proc in clients:
+            _line(proc, "CONNECTED")
+        _line(server, "DONE")
+        for proc in clients:
+            assert proc.stdin is not None
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        got = [_result(proc) for proc in clients]
+        assert server.stdin is not None
+        server.stdin.write("\n")
+        server.stdin.flush()
+        srv = _result(server)
+    finally:
+        for proc in [server, *clients]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    healthy = sum(g["healthy"] for g in got)
+    last: list[float] = []
+    every: list[float] = []
+    complete = 0
+    for seq in range(srv["published"]):
+        lat = [x for g in got for x in g["latencies"][seq]]
+        every.extend(lat)
+        if len(lat) == healthy:
+            complete += 1
+            last.append(max(lat))
+    return {
+        "variant": variant,
+        "n": n,
+        "slow": slow,
+        "healthy": healthy,
+        "published": srv["published"],
+        "complete": complete,
+        "stalled": srv["stalled"] or complete < srv["published"],
+        "last_p50": _pct(last, 50),
+        "last_p99": _pct(last, 99),
+        "every_p99": _pct(every, 99),
+        "worst_stall": srv["worst_stall"],
+        "rss_mb": srv["rss_after"] / 2**20,
+        "rss_growth_mb": (srv["rss_after"] - srv["rss_before"]) / 2**20,
+        "evicted": srv["evicted"],
+    }
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))]
+
+
+# -- connect/disconnect cycles -------------------------------------------------------
+
+
+async def _cycles(total: int) -> dict[str, Any]:
+    from loopguard_integrations.broadcast import Group
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import ServerConnection, serve
+    from websockets.exceptions import ConnectionClosed
+
+    group = Group("cycles")
+
+    async def handler(ws: ServerConnection) -> None:
+        async with group.attach(ws):
+            with contextlib.suppress(ConnectionClosed):
+                async for _ in ws:
+                    pass
+
+    async def cycle_batch(url: str, count: int) -> None:
+        async def one() -> None:
+            async with connect(url) as ws:
+                await ws.send("hi")
+
+        await asyncio.gather(*(one() for _ in range(count)))
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
+        await cycle_batch(url, 500)  # warm-up: imports, caches, pools
+        while group.members:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # closing handshakes finish
+        gc.collect()
+        tracemalloc.start()
+        rss_before, traced_before = _rss(), tracemalloc.get_traced_memory()[0]
+        done = 0
+        while done < total:
+            await cycle_batch(url, 100)
+            done += 100
+        deadline = time.monotonic() + 10
+        while group.members and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        gc.collect()
+        rss_after, traced_after = _rss(), tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+    return {
+        "cycles": done,
+        "members_left": group.members,
+        "traced_growth_kb": (traced_after - traced_before) / 1024,
+        "rss_before_mb": rss_before / 2**20,
+        "rss_after_mb": rss_after / 2**20,
+    }
+
+
+# -- the report --------------------------------------------------------------------
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "—" if value is None else f"{value * 1000:.1f}"
+
+
+def run(options: h.Options) -> h.Report:
+    """Measure every variant at each size, without and with slow clients."""
+    _raise_fd_limit()
+    sizes = (200,) if options.quick else (1000, 5000)
+    publishes = 50 if options.quick else 100
+    interval = 0.02
+    rows: list[dict[str, Any]] = []
+    rng = random.Random(options.seed)
+    for n in sizes:
+        for slow in (0, max(1, n // 100)):
+            for _ in range(options.rounds):
+                order = list(VARIANTS)
+                rng.shuffle(order)
+                for variant in order:
+                    if options.verbose:
+                        print(f"[b6] n={n} slow={slow} {variant}", file=sys.stderr)
+                    rows.append(measure(variant, n, slow, publishes, interval))
+    cycles = asyncio.run(_cycles(1000 if options.quick else 10_000))
+    return _report(rows, cycles)
+
+
+def _report(rows: list[dict[str, Any]], cycles: dict[str, Any]) -> h.Report:
+    def median_of(key: str, match: dict[str, Any]) -> float | None:
+        values = [
+            r[key] for r in rows if all(r[k] == v for k, v in match.items()) and r[key] is not None
+        ]
+        return statistics.median(values) if values else None
+
+    table = []
+    for n in sorted({r["n"] for r in rows}):
+        for slow in sorted({r["slow"] for r in rows if r["n"] == n}):
+            base = median_of("last_p50", {"n": n, "slow": slow, "variant": "websockets.broadcast"})
+            for variant in VARIANTS:
+                match = {"n": n, "slow": slow, "variant": variant}
+                runs = [r for r in rows if all(r[k] == v for k, v in match.items())]
+                stalled = any(r["stalled"] for r in runs)
+                p50 = median_of("last_p50", match)
+                ratio = "—" if stalled or p50 is None or not base else f"{p50 / base:.2f}x"
+                table.append(
+                    [
+                        str(n),
+                        f"{slow}",
+                        variant,
+                        "stalled" if stalled else _fmt_ms(p50),
+                        "stalled" if stalled else _fmt_ms(median_of("last_p99", match)),
+                        _fmt_ms(median_of("every_p99", match)),
+                        ratio,
+                        _fmt_ms(median_of("worst_stall", match)),
+                        f"{median_of('rss_mb', match) or 0:.0f}",
+                        f"{median_of('rss_growth_mb', match) or 0:+.1f}",
+                        str(int(median_of("evicted", match) or 0)),
+                    ]
+                )
+    header = [
+        "clients", "slow", "variant", "last p50 ms", "last p99 ms", "every p99 ms",
+        "p50 / broadcast()", "worst stall ms", "RSS MB", "RSS growth MB", "evicted",
+    ]  # fmt: skip
+    markdown = "\n".join(
+        [
+            f"## {TITLE}",
+            "",
+            h.markdown_table(header, table),
+            "",
+            f"Connect/disconnect cycles: {cycles['cycles']:,} on one group; members left "
+            f"{cycles['members_left']}; Python heap growth {cycles['traced_growth_kb']:.0f} KiB "
+            f"(tracemalloc); RSS {cycles['rss_before_mb']:.0f} → {cycles['rss_after_mb']:.0f} MB.",
+        ]
+    )
+    data = {"machine": h.machine_info(), "rows": rows, "cycles": cycles}
+    ok = all(r["published"] > 0 for r in rows)
+    return h.Report(NAME, markdown, data, ok)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=TITLE)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--role", choices=("server", "clients"), default=None)
+    parser.add_argument("--variant", choices=VARIANTS)
+    parser.add_argument("--expect", type=int, default=0)
+    parser.add_argument("--publishes", type=int, default=20)
+    parser.add_argument("--interval", type=float, default=0.02)
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--count", type=int)
+    parser.add_argument("--slow", type=int, default=0)
+    args = parser.parse_args(argv)
+    _raise_fd_limit()
+    if args.role == "server":
+        h.emit_result({}, asyncio.run(_serve(args)))
+        return 0
+    if args.role == "clients":
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        h.emit_result({}, asyncio.run(_clients(args)))
+        return 0
+    report = run(h.Options(rounds=args.rounds, quick=args.quick))
+    print(report.markdown)
+    out = HERE / "results" / f"{NAME}.json"
+    h.write_json(out, report.data)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
