@@ -235,7 +235,12 @@ class Broadcast:
                 if await subscriber._queue.put(event, size):
                     to_subscribers.delivered += 1
         if subscribers:
-            _observed.count_subscriber_delivery(to_subscribers)
+            too_large = sum(
+                1
+                for s in subscribers
+                if s._queue.max_bytes is not None and size > s._queue.max_bytes
+            )
+            _observed.count_subscriber_delivery(to_subscribers, too_large=too_large)
         metrics.record(metrics.BROADCAST_FANOUT_DURATION, time.perf_counter() - started)
         to_subscribers.add(to_connections)
         return to_subscribers

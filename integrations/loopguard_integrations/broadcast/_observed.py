@@ -71,30 +71,35 @@ def _queued() -> list[tuple[float, metrics.Attributes | None]]:
     ]
 
 
-def _count(target: str, report: Delivery, reason: str) -> None:
+def _count(target: str, report: Delivery, too_large: int) -> None:
     if report.delivered:
         metrics.record(
             metrics.BROADCAST_MESSAGES,
             report.delivered,
             {"broadcast.target": target, "broadcast.outcome": "delivered"},
         )
-    if report.dropped:
-        metrics.record(
-            metrics.BROADCAST_MESSAGES,
-            report.dropped,
-            {
-                "broadcast.target": target,
-                "broadcast.outcome": "dropped",
-                "broadcast.drop.reason": reason,
-            },
-        )
+    too_large = min(too_large, report.dropped)
+    for reason, count in (("too_large", too_large), ("overflow", report.dropped - too_large)):
+        if count:
+            metrics.record(
+                metrics.BROADCAST_MESSAGES,
+                count,
+                {
+                    "broadcast.target": target,
+                    "broadcast.outcome": "dropped",
+                    "broadcast.drop.reason": reason,
+                },
+            )
 
 
-def count_subscriber_delivery(report: Delivery) -> None:
-    """Record what one publish did to the local subscribers."""
-    _count("subscriber", report, "overflow")
+def count_subscriber_delivery(report: Delivery, *, too_large: int) -> None:
+    """Record what one publish did to the local subscribers.
+
+    ``too_large`` of its drops were of a message over a subscriber's ``max_bytes``.
+    """
+    _count("subscriber", report, too_large)
 
 
 def count_connection_delivery(report: Delivery, *, too_large: bool) -> None:
     """Record what one fan-out did to a group's connections."""
-    _count("connection", report, "too_large" if too_large else "overflow")
+    _count("connection", report, report.dropped if too_large else 0)
