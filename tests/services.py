@@ -15,6 +15,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -150,54 +151,108 @@ def redis(tmp: Path) -> Iterator[int]:
         _stop(proc)
 
 
+# Runs in its own process and starts/kills redis-server on command, so a test's process
+# never forks while its event loop runs (a fork holds the GIL until the child execs:
+# on a busy machine, long enough to stall the loop).
+_SUPERVISOR = """
+import contextlib, socket, subprocess, sys, time
+port, log, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+proc = None
+for line in sys.stdin:
+    command = line.strip()
+    if command == "start":
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                print("failed", flush=True)
+                break
+            time.sleep(0.02)
+        else:
+            continue
+        if proc.poll() is None:
+            print("ok", flush=True)
+    elif command in ("kill", "stop") and proc is not None:
+        proc.kill() if command == "kill" else proc.terminate()
+        proc.wait()
+        proc = None
+        print("ok", flush=True)
+    else:
+        print("ok", flush=True)
+"""
+
+
 class RedisServer:
-    """A Redis server a test can kill and start again on the same port."""
+    """A Redis server a test can kill and start again on the same port.
+
+    A small supervisor process does the starting and killing; :meth:`start` and
+    :meth:`kill` block until it is done (call them from a worker thread in async
+    tests: ``await asyncio.to_thread(server.kill)``).
+    """
 
     def __init__(self, tmp: Path) -> None:
         server = shutil.which("redis-server")
         if server is None:
             missing("needs a Redis server (redis-server not found)")
         assert server is not None
-        self._server, self._tmp = server, tmp
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._log = tmp / "redis.log"
+        argv = [
+            server,
+            *("--port", str(self.port), "--bind", "127.0.0.1"),
+            *("--save", "", "--appendonly", "no", "--dir", str(tmp)),
+        ]
+        self._supervisor = subprocess.Popen(
+            [sys.executable, "-c", _SUPERVISOR, str(self.port), str(self._log), *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def _ask(self, command: str) -> None:
+        sup = self._supervisor
+        assert sup.stdin is not None and sup.stdout is not None
+        sup.stdin.write(command + "\n")
+        sup.stdin.flush()
+        answer = sup.stdout.readline().strip()
+        if answer != "ok":
+            log = self._log.read_text() if self._log.exists() else ""
+            raise RuntimeError(f"redis-server {command}: {answer or 'no answer'}: {log[-2000:]}")
 
     def start(self) -> None:
         """Start it (again) on its port and wait until it listens."""
-        log = self._tmp / "redis.log"
-        with log.open("ab") as out:
-            self._proc = subprocess.Popen(
-                [
-                    self._server,
-                    *("--port", str(self.port), "--bind", "127.0.0.1"),
-                    *("--save", "", "--appendonly", "no", "--dir", str(self._tmp)),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        _wait_for_port(self.port, self._proc, "redis-server", log)
+        self._ask("start")
 
     def kill(self) -> None:
         """Kill it with SIGKILL (no goodbye to its clients) and wait until it is gone."""
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait()
-            self._proc = None
+        self._ask("kill")
 
     def stop(self) -> None:
-        """Stop it if it runs."""
-        if self._proc is not None:
-            _stop(self._proc)
-            self._proc = None
+        """Stop it if it runs, and the supervisor."""
+        with contextlib.suppress(Exception):
+            self._ask("stop")
+        sup = self._supervisor
+        if sup.stdin is not None:
+            sup.stdin.close()  # the supervisor ends with its input
+        try:
+            sup.wait(10)
+        except subprocess.TimeoutExpired:
+            sup.kill()
+            sup.wait()
+        if sup.stdout is not None:
+            sup.stdout.close()
 
 
 @contextlib.contextmanager
 def restartable_redis(tmp: Path) -> Iterator[RedisServer]:
     """Run a Redis server that the test may kill and restart; yield it."""
     server = RedisServer(tmp)
-    server.start()
     try:
+        server.start()
         yield server
     finally:
         server.stop()
