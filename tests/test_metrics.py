@@ -81,6 +81,16 @@ DESIGN_TABLE = {
     "websocket.process.duration": ("histogram", "s"),
     "websocket.connections": ("updowncounter", "{connection}"),
     "websocket.ping.rtt": ("histogram", "s"),
+    "broadcast.subscriber.count": ("updowncounter", "{subscriber}"),
+    "broadcast.group.member.count": ("updowncounter", "{connection}"),
+    "broadcast.queue.size": ("updowncounter", "{message}"),
+    "broadcast.messages": ("counter", "{message}"),
+    "broadcast.evictions": ("counter", "{eviction}"),
+    "broadcast.fanout.duration": ("histogram", "s"),
+    "broadcast.backplane.lag": ("histogram", "s"),
+    "broadcast.backplane.reconnects": ("counter", "{reconnect}"),
+    "broadcast.backplane.errors": ("counter", "{error}"),
+    "broadcast.backplane.lost": ("counter", "{message}"),
 }
 
 
