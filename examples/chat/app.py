@@ -59,8 +59,10 @@ async def chat(websocket: WebSocket, name: str) -> None:
     async with rooms[CHANNEL].attach(websocket):
         try:
             while True:
-                # TODO: receive through the guarded WebSocket receiver once it is
-                # available (bounded receive queue, keepalive, overflow policy).
+                # TODO: receive through the WebSocket receive guard when it is on main:
+                # `async with guard_receive(websocket, maxsize=100,
+                # overflow="drop_oldest") as inbox: async for text in inbox: ...`
+                # (loopguard_integrations.starlette): a bounded inbox, keepalive.
                 text = await websocket.receive_text()
                 message = {"event": "message", "from": name, "pid": os.getpid(), "text": text}
                 try:
