@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import random
 import resource
@@ -60,6 +61,7 @@ import _harness as h  # noqa: E402
 NAME = "b6"
 TITLE = "B6: broadcast fan-out to real WebSocket connections"
 VARIANTS = ("sequential", "gather", "websockets.broadcast", "loopguard")
+SIZES = (1000, 5000)
 MESSAGE_BYTES = 4096
 SNDBUF = 64 * 1024
 CLIENT_PROCESSES = 4
@@ -289,12 +291,16 @@ def _line(proc: subprocess.Popen[str], want: str) -> str:
             return line.strip()
 
 
-def _result(proc: subprocess.Popen[str]) -> dict[str, Any]:
+def _result(proc: subprocess.Popen[str]) -> dict[str, Any] | None:
+    """The child's result, or ``None`` if it printed none it could finish (a crash)."""
     assert proc.stdout is not None
-    out, _ = proc.communicate(timeout=120)
-    payload = h.parse_result(out)
+    try:
+        out, _ = proc.communicate(timeout=120)
+        payload = h.parse_result(out)
+    except (subprocess.TimeoutExpired, ValueError):
+        return None
     if payload is None:
-        raise RuntimeError(f"no result from child (exit {proc.returncode})")
+        return None
     info: dict[str, Any] = payload["info"]
     return info
 
@@ -336,7 +342,7 @@ def measure(variant: str, n: int, slow: int, publishes: int, interval: float) ->
             assert proc.stdin is not None
             proc.stdin.write("\n")
             proc.stdin.flush()
-        got = [_result(proc) for proc in clients]
+        results = [_result(proc) for proc in clients]
         assert server.stdin is not None
         server.stdin.write("\n")
         server.stdin.flush()
@@ -346,6 +352,10 @@ def measure(variant: str, n: int, slow: int, publishes: int, interval: float) ->
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    if srv is None or any(r is None for r in results):
+        failed = sum(r is None for r in [*results, srv])
+        return {"variant": variant, "n": n, "slow": slow, "failed": failed}
+    got = [r for r in results if r is not None]
     healthy = sum(g["healthy"] for g in got)
     last: list[float] = []
     every: list[float] = []
@@ -444,11 +454,15 @@ def _fmt_ms(value: float | None) -> str:
 def run(options: h.Options) -> h.Report:
     """Measure every variant at each size, without and with slow clients."""
     _raise_fd_limit()
-    sizes = (200,) if options.quick else (1000, 5000)
+    sizes = (200,) if options.quick else SIZES
     publishes = 50 if options.quick else 100
     interval = 0.02
     rows: list[dict[str, Any]] = []
     rng = random.Random(options.seed)
+    cycles = asyncio.run(_cycles(1000 if options.quick else 10_000))
+    saved = HERE / "results" / f"{NAME}-rows.jsonl"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps({"cycles": cycles}) + "\n")
     for n in sizes:
         for slow in (0, max(1, n // 100)):
             for _ in range(options.rounds):
@@ -458,11 +472,21 @@ def run(options: h.Options) -> h.Report:
                     if options.verbose:
                         print(f"[b6] n={n} slow={slow} {variant}", file=sys.stderr)
                     rows.append(measure(variant, n, slow, publishes, interval))
-    cycles = asyncio.run(_cycles(1000 if options.quick else 10_000))
+                    with saved.open("a") as out:  # kept as they come: a long run may be cut
+                        out.write(json.dumps(rows[-1]) + "\n")
     return _report(rows, cycles)
 
 
-def _report(rows: list[dict[str, Any]], cycles: dict[str, Any]) -> h.Report:
+def report_from(path: Path) -> h.Report:
+    """The report of the rows a (possibly cut) run saved."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _report([r for r in lines if "variant" in r], lines[0]["cycles"])
+
+
+def _report(all_rows: list[dict[str, Any]], cycles: dict[str, Any]) -> h.Report:
+    rows = [r for r in all_rows if "failed" not in r]
+    failed = [r for r in all_rows if "failed" in r]
+
     def median_of(key: str, match: dict[str, Any]) -> float | None:
         values = [
             r[key] for r in rows if all(r[k] == v for k, v in match.items()) and r[key] is not None
@@ -508,9 +532,14 @@ def _report(rows: list[dict[str, Any]], cycles: dict[str, Any]) -> h.Report:
             f"{cycles['members_left']}; Python heap growth {cycles['traced_growth_kb']:.0f} KiB "
             f"(tracemalloc); RSS {cycles['rss_before_mb']:.0f} → {cycles['rss_after_mb']:.0f} MB.",
         ]
+        + [
+            f"\nNot measured (a client or server process printed no result): "
+            f"{r['n']} clients, {r['slow']} slow, {r['variant']}."
+            for r in failed
+        ]
     )
     data = {"machine": h.machine_info(), "rows": rows, "cycles": cycles}
-    ok = all(r["published"] > 0 for r in rows)
+    ok = not failed and all(r["published"] > 0 for r in rows)
     return h.Report(NAME, markdown, data, ok)
 
 
@@ -526,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int)
     parser.add_argument("--count", type=int)
     parser.add_argument("--slow", type=int, default=0)
+    parser.add_argument("--sizes", help="comma-separated client counts (default 1000,5000)")
+    parser.add_argument("--report-from", type=Path, help="print the report of saved rows")
     args = parser.parse_args(argv)
     _raise_fd_limit()
     if args.role == "server":
@@ -539,6 +570,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             pass
         h.emit_result({}, asyncio.run(_clients(args)))
+        return 0
+    if args.sizes:
+        global SIZES
+        SIZES = tuple(int(x) for x in args.sizes.split(","))
+    if args.report_from:
+        print(report_from(args.report_from).markdown)
         return 0
     report = run(h.Options(rounds=args.rounds, quick=args.quick))
     print(report.markdown)
