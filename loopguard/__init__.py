@@ -8,6 +8,8 @@ import sys as _sys
 from . import _offload as _offload_package
 from ._api import current as current
 from ._api import install as install
+from ._api import recent_stalls as recent_stalls
+from ._api import report as report
 from ._api import uninstall as uninstall
 from ._api import watch as watch
 from ._blocking import Allow as Allow
@@ -24,6 +26,7 @@ from ._watchdog import Config as Config
 from ._watchdog import LoopStatsSnapshot as LoopStatsSnapshot
 from ._watchdog import Watchdog as Watchdog
 from .events import BlockingCall as BlockingCall
+from .events import ConnectionClosed as ConnectionClosed
 from .events import Event as Event
 from .events import Frame as Frame
 from .events import GcPause as GcPause
@@ -49,6 +52,7 @@ __all__ = [
     "BlockingGuard",
     "CallbackSink",
     "Config",
+    "ConnectionClosed",
     "Event",
     "Frame",
     "GcPause",
@@ -69,6 +73,8 @@ __all__ = [
     "current",
     "install",
     "offload",
+    "recent_stalls",
+    "report",
     "set_offload_limit",
     "unattribute",
     "uninstall",

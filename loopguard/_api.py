@@ -5,15 +5,24 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ._blocking import Allow
-from ._watchdog import BlockingMode, Config, Watchdog
-from .events import Event
+from ._watchdog import BlockingMode, Config, Watchdog, running
+from .events import Event, Stall
 from .sinks import Sink
 
-__all__ = ["current", "install", "install_config", "uninstall", "watch"]
+__all__ = [
+    "current",
+    "install",
+    "install_config",
+    "recent_stalls",
+    "report",
+    "uninstall",
+    "watch",
+]
 
 logger = logging.getLogger("loopguard")
 _installed: Watchdog | None = None
@@ -162,3 +171,52 @@ def watch(
         A not yet started :class:`Watchdog`; ``with`` starts and stops it.
     """
     return Watchdog(_config(dict(locals())))
+
+
+def report(event: Event) -> int:
+    """Hand an event to the sinks of every running watchdog (log, JSON lines, callback).
+
+    For code outside loopguard that has something to add to loopguard's event stream,
+    such as the guarded WebSocket receiver explaining why it closed a connection. The
+    sinks run on a short-lived thread, so the caller (often the loop thread) never
+    waits for them. When no running watchdog logs, the event is logged as a WARNING
+    on the ``loopguard`` logger instead, so it is never lost silently. Never raises.
+
+    Args:
+        event: A loopguard event (a frozen dataclass from :mod:`loopguard.events`).
+
+    Returns:
+        How many watchdogs received it.
+    """
+    try:
+        watchdogs = running()
+        if not any(wd.logs for wd in watchdogs):
+            logger.warning("%s", event)
+        for wd in watchdogs:
+            wd.report(event)
+        return len(watchdogs)
+    except Exception:
+        logger.exception("loopguard could not report %s", type(event).__name__)
+        return 0
+
+
+def recent_stalls(seconds: float) -> list[Stall]:
+    """Stalls that any running watchdog reported and that ended in the last ``seconds``.
+
+    A stall is reported once the loop runs again, so one still in progress is not
+    listed. A stall seen by two watchdogs (``install()`` and a ``watch()`` block) is
+    listed once.
+
+    Args:
+        seconds: How far back to look, in seconds of wall-clock time.
+
+    Returns:
+        The stalls, oldest first.
+    """
+    since = time.time() - seconds
+    found: dict[tuple[float, object], Stall] = {}
+    for wd in running():
+        for stall in wd.stalls:
+            if stall.started_at + stall.duration >= since:
+                found.setdefault((round(stall.started_at, 3), stall.culprit), stall)
+    return sorted(found.values(), key=lambda s: s.started_at)

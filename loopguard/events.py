@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 __all__ = [
     "BlockingCall",
+    "ConnectionClosed",
     "Event",
     "Frame",
     "GcPause",
@@ -301,3 +303,75 @@ class SlowCallback(Event):
         task = f" in task {self.task!r}" if self.task else ""
         where = f" ({short_path(self.culprit.file)}:{self.culprit.line})" if self.culprit else ""
         return f"slow callback: {self.callback}{where} ran {self.duration * 1000:.0f} ms{task}"
+
+
+@dataclass(frozen=True)
+class ConnectionClosed(Event):
+    """A guarded WebSocket connection was closed for a reason worth explaining.
+
+    Reported by ``loopguard_integrations`` (``guard_receive``) when a connection ends
+    by keepalive timeout (1011), by its overflow policy (1013), by a message over
+    ``max_bytes`` (1009) or by its idle timeout; never for an ordinary close by the
+    peer. It says what the receive queue looked like at that moment and, when the
+    event loop was stalled during the last ping window, which line held it: a
+    keepalive close is often the loop's fault, not the network's.
+
+    Attributes:
+        code: The WebSocket close code (1011, 1013, 1009, or the idle timeout's 1000).
+        reason: Why: ``"keepalive"`` (no pong in time), ``"overflow"`` (queue full
+            under ``overflow="close"``), ``"too_large"`` (a message over
+            ``max_bytes``) or ``"idle"`` (no message for ``idle_timeout`` seconds).
+        route: The route template of the connection, when known.
+        depth: Messages in the receive queue when it closed.
+        maxsize: The queue's capacity in messages.
+        full_since: Wall-clock time (epoch seconds) since which the queue had been
+            full, or ``None`` when it was not full.
+        delivered: Messages handed to the consumer so far.
+        dropped: Messages dropped so far (every reason).
+        lag: Age of the oldest queued message, in seconds (0 when empty).
+        ping_rtt: The last measured ping round trip, in seconds, when known.
+        stall: The longest stall of the event loop during the last ping window (or
+            the last ``window`` seconds), if any: its culprit line.
+        stall_duration: That stall's duration in seconds.
+    """
+
+    kind: ClassVar[str] = "connection_closed"
+
+    code: int
+    reason: str
+    route: str | None = None
+    depth: int = 0
+    maxsize: int = 0
+    full_since: float | None = None
+    delivered: int = 0
+    dropped: int = 0
+    lag: float = 0.0
+    ping_rtt: float | None = None
+    stall: Frame | None = None
+    stall_duration: float | None = None
+
+    def __str__(self) -> str:
+        why = {
+            "keepalive": "no pong within the keepalive timeout",
+            "overflow": "receive queue full (overflow='close')",
+            "too_large": "a message over max_bytes",
+            "idle": "no message within the idle timeout",
+        }.get(self.reason, self.reason)
+        route = f" on {self.route}" if self.route else ""
+        full = ""
+        if self.full_since is not None:
+            full = f", full for {max(0.0, time.time() - self.full_since):.1f} s"
+        text = (
+            f"WebSocket{route} closed with {self.code} ({why}): queue {self.depth}/{self.maxsize}"
+            f"{full}, oldest waiting {self.lag * 1000:.0f} ms, {self.delivered} delivered, "
+            f"{self.dropped} dropped"
+        )
+        if self.ping_rtt is not None:
+            text += f", last ping {self.ping_rtt * 1000:.1f} ms"
+        if self.stall is not None:
+            took = f" for {self.stall_duration * 1000:.0f} ms" if self.stall_duration else ""
+            text += (
+                f"; the event loop was blocked{took} by "
+                f"{short_path(self.stall.file)}:{self.stall.line} in {self.stall.function}"
+            )
+        return text

@@ -47,9 +47,11 @@ __all__ = [
     "OFFLOAD_RUN_DURATION",
     "OFFLOAD_WAIT_DURATION",
     "SPECS",
-    "WEBSOCKET_CONNECTIONS",
-    "WEBSOCKET_PING_RTT",
+    "WEBSOCKET_CLOSES",
+    "WEBSOCKET_CONNECTION_ACTIVE",
+    "WEBSOCKET_PING_DURATION",
     "WEBSOCKET_PROCESS_DURATION",
+    "WEBSOCKET_RECEIVE_LAG",
     "WEBSOCKET_RECEIVE_MESSAGES",
     "WEBSOCKET_RECEIVE_QUEUE_CAPACITY",
     "WEBSOCKET_RECEIVE_QUEUE_SIZE",
@@ -84,14 +86,17 @@ ASYNCIO_BLOCKING_CALLS = "asyncio.blocking_calls"
 OFFLOAD_WAIT_DURATION = "loopguard.offload.wait.duration"
 OFFLOAD_RUN_DURATION = "loopguard.offload.run.duration"
 OFFLOAD_ACTIVE = "loopguard.offload.active"
-# Guarded WebSocket receive.
+# Guarded WebSocket receive (loopguard_integrations): every attribute is under the
+# metric's namespace or a registered one (http.route, error.type), values bounded.
 WEBSOCKET_RECEIVE_QUEUE_SIZE = "websocket.receive.queue.size"
 WEBSOCKET_RECEIVE_QUEUE_CAPACITY = "websocket.receive.queue.capacity"
 WEBSOCKET_RECEIVE_TIME_IN_QUEUE = "websocket.receive.time_in_queue"
 WEBSOCKET_RECEIVE_MESSAGES = "websocket.receive.messages"
+WEBSOCKET_RECEIVE_LAG = "websocket.receive.lag"
 WEBSOCKET_PROCESS_DURATION = "websocket.process.duration"
-WEBSOCKET_CONNECTIONS = "websocket.connections"
-WEBSOCKET_PING_RTT = "websocket.ping.rtt"
+WEBSOCKET_CONNECTION_ACTIVE = "websocket.connection.active"
+WEBSOCKET_PING_DURATION = "websocket.ping.duration"
+WEBSOCKET_CLOSES = "websocket.closes"
 
 # Bucket advice for histograms in seconds. The SDK's default boundaries (0, 5, 10,
 # 25, ... 10000) suit milliseconds and would put every loop delay in one bucket.
@@ -142,6 +147,8 @@ class MetricSpec:
 
 
 _OFFLOAD_ATTRIBUTES = ("mode", "function")
+# The route template (never the raw path): the only attribute every WebSocket metric has.
+_WEBSOCKET_ATTRIBUTES = ("http.route",)
 
 SPECS: Mapping[str, MetricSpec] = MappingProxyType(
     {
@@ -228,47 +235,71 @@ SPECS: Mapping[str, MetricSpec] = MappingProxyType(
                 WEBSOCKET_RECEIVE_QUEUE_SIZE,
                 "updowncounter",
                 "{message}",
-                "Messages received and queued, not yet taken by a consumer.",
+                "Messages received and queued, not yet taken by the consumer.",
+                attributes=_WEBSOCKET_ATTRIBUTES,
             ),
             MetricSpec(
                 WEBSOCKET_RECEIVE_QUEUE_CAPACITY,
                 "updowncounter",
                 "{message}",
-                "Capacity of the receive queues.",
+                "Messages the receive queues of the open connections can hold (maxsize).",
+                attributes=_WEBSOCKET_ATTRIBUTES,
             ),
             MetricSpec(
                 WEBSOCKET_RECEIVE_TIME_IN_QUEUE,
                 "histogram",
                 "s",
-                "Time a received message waited in the queue before a consumer took it.",
+                "Time a received message waited in the queue before the consumer took it.",
+                attributes=_WEBSOCKET_ATTRIBUTES,
                 buckets=_CALL_BUCKETS,
             ),
             MetricSpec(
                 WEBSOCKET_RECEIVE_MESSAGES,
                 "counter",
                 "{message}",
-                "Messages received, by outcome (delivered or dropped).",
-                attributes=("outcome",),
+                "Messages received, by outcome (delivered or dropped, with the reason).",
+                attributes=(*_WEBSOCKET_ATTRIBUTES, "websocket.receive.outcome", "error.type"),
+            ),
+            MetricSpec(
+                WEBSOCKET_RECEIVE_LAG,
+                "gauge",
+                "s",
+                "Age of the oldest message still queued: how far the consumer is behind.",
+                attributes=_WEBSOCKET_ATTRIBUTES,
             ),
             MetricSpec(
                 WEBSOCKET_PROCESS_DURATION,
                 "histogram",
                 "s",
-                "Time a consumer spent processing one message.",
+                "Time the consumer spent on one message (or one batch) before asking for more.",
+                attributes=_WEBSOCKET_ATTRIBUTES,
                 buckets=_CALL_BUCKETS,
             ),
             MetricSpec(
-                WEBSOCKET_CONNECTIONS,
+                WEBSOCKET_CONNECTION_ACTIVE,
                 "updowncounter",
                 "{connection}",
-                "Open WebSocket connections.",
+                "Guarded WebSocket connections open now.",
+                attributes=_WEBSOCKET_ATTRIBUTES,
             ),
             MetricSpec(
-                WEBSOCKET_PING_RTT,
+                WEBSOCKET_PING_DURATION,
                 "histogram",
                 "s",
-                "Round-trip time of WebSocket pings.",
+                "Round-trip time of WebSocket pings (ping sent to pong received).",
+                attributes=_WEBSOCKET_ATTRIBUTES,
                 buckets=_CALL_BUCKETS,
+            ),
+            MetricSpec(
+                WEBSOCKET_CLOSES,
+                "counter",
+                "{connection}",
+                "Guarded connections closed, by close code and by why they closed.",
+                attributes=(
+                    *_WEBSOCKET_ATTRIBUTES,
+                    "websocket.close.code",
+                    "websocket.close.reason",
+                ),
             ),
         )
     }

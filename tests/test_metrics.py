@@ -78,9 +78,11 @@ DESIGN_TABLE = {
     "websocket.receive.queue.capacity": ("updowncounter", "{message}"),
     "websocket.receive.time_in_queue": ("histogram", "s"),
     "websocket.receive.messages": ("counter", "{message}"),
+    "websocket.receive.lag": ("gauge", "s"),
     "websocket.process.duration": ("histogram", "s"),
-    "websocket.connections": ("updowncounter", "{connection}"),
-    "websocket.ping.rtt": ("histogram", "s"),
+    "websocket.connection.active": ("updowncounter", "{connection}"),
+    "websocket.ping.duration": ("histogram", "s"),
+    "websocket.closes": ("counter", "{connection}"),
 }
 
 
