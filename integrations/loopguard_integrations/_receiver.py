@@ -34,7 +34,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Iterable
-from typing import Protocol, Union
+from typing import Protocol, TypeAlias
 
 import loopguard
 import loopguard.metrics as m
@@ -46,7 +46,7 @@ __all__ = ["CLOSE_CODES", "Inbox", "Message", "Transport", "check_options", "gua
 
 logger = logging.getLogger("loopguard")
 
-Message = Union[str, bytes]
+Message: TypeAlias = str | bytes
 """One WebSocket message: ``str`` for a text frame, ``bytes`` for a binary one."""
 
 #: Close code for each reason the guard closes a connection itself.
@@ -181,9 +181,12 @@ class Inbox:
 
     @property
     def drops(self) -> dict[str, int]:
-        """Dropped messages by reason: ``"overflow"`` (the policy dropped one),
-        ``"too_large"`` (over ``max_bytes``), ``"discarded"`` (still queued when the
-        block ended), ``"closed"`` (arrived after the guard closed the connection)."""
+        """Dropped messages by reason.
+
+        ``"overflow"`` (the policy dropped one), ``"too_large"`` (over ``max_bytes``),
+        ``"discarded"`` (still queued when the block ended), ``"closed"`` (arrived
+        after the guard closed the connection).
+        """
         return {**self._queue.drops, "closed": self._late}
 
     @property
@@ -557,9 +560,7 @@ class _Registry:
         # Routes seen once keep reporting 0, so the series goes back to 0, not stale.
         seen = {route for route, _, _ in self._done}
         now = dict(((a or {}).get("http.route", ""), v) for v, a in self._by_route("count"))
-        return [
-            (now.get(r, 0), {"http.route": r} if r else None) for r in seen | set(now)
-        ]
+        return [(now.get(r, 0), {"http.route": r} if r else None) for r in seen | set(now)]
 
     def _size(self) -> Iterable[tuple[float, m.Attributes | None]]:
         return self._by_route("size")
@@ -597,4 +598,3 @@ _registry = _Registry()
 def active_connections() -> int:
     """Guarded connections open now in this process."""
     return _registry.active
-

@@ -114,7 +114,9 @@ def guard_receive(
     if websocket.application_state != WebSocketState.CONNECTED:
         state = websocket.application_state.name.lower()
         hint = "call `await websocket.accept()` first" if state == "connecting" else "it is over"
-        raise RuntimeError(f"guard_receive(websocket) needs an accepted WebSocket ({state}: {hint})")
+        raise RuntimeError(
+            f"guard_receive(websocket) needs an accepted WebSocket ({state}: {hint})"
+        )
     if websocket.client_state == WebSocketState.DISCONNECTED:
         raise RuntimeError("guard_receive(websocket): the client has already disconnected")
     with contextlib.suppress(Exception):

@@ -365,12 +365,16 @@ class Watchdog:
                 self._start_trio_heartbeat()
         # Loops running in other threads: found once, attached from their own thread.
         for obj in gc.get_objects():
-            if isinstance(obj, asyncio.AbstractEventLoop) and obj is not loop:
-                try:
-                    if obj.is_running() and not obj.is_closed():
-                        self.watch_loop(obj)
-                except Exception:
-                    continue
+            try:  # isinstance() of a dead weakref.proxy raises ReferenceError
+                if (
+                    isinstance(obj, asyncio.AbstractEventLoop)
+                    and obj is not loop
+                    and obj.is_running()
+                    and not obj.is_closed()
+                ):
+                    self.watch_loop(obj)
+            except Exception:
+                continue
 
     # -- sampler thread --------------------------------------------------------------
 

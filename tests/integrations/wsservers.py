@@ -16,19 +16,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import uvicorn
-import warnings
 
 # uvicorn's "websockets" implementation is websockets' legacy API, deprecated upstream;
 # import it once here so its warning does not fail the tests that exercise it.
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     warnings.simplefilter("ignore", UserWarning)  # uvicorn's own deprecation notice
-    import uvicorn.protocols.websockets.websockets_impl  # noqa: F401
+    import uvicorn.protocols.websockets.websockets_impl
 from websockets.asyncio.server import Server, ServerConnection, serve
 
 #: uvicorn's three WebSocket implementations; the guard is tested on each.
@@ -60,8 +60,14 @@ def uvicorn_server(app: Any, ws: str, **options: Any) -> Iterator[str]:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=port, ws=ws, log_level="warning", lifespan="off",
-            timeout_graceful_shutdown=5, **options
+            app,
+            host="127.0.0.1",
+            port=port,
+            ws=ws,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+            **options,
         )
         config.load()
     server = uvicorn.Server(config)
@@ -95,6 +101,10 @@ class LoopThread:
     def run(self, coro: Any, timeout: float = 30.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    async def arun(self, coro: Any) -> Any:
+        """:meth:`run` for a caller that is itself on an event loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
     def close(self) -> None:
         async def cancel_all() -> None:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -124,8 +134,22 @@ def websockets_server(
         loops.close()
 
 
+@contextlib.asynccontextmanager
+async def websockets_server_async(
+    handler: Callable[[ServerConnection], Any], **options: Any
+) -> AsyncIterator[tuple[str, LoopThread]]:
+    """:func:`websockets_server` for async tests (nothing blocks the test's loop)."""
+    manager = websockets_server(handler, **options)
+    entered = await asyncio.to_thread(manager.__enter__)
+    try:
+        yield entered
+    finally:
+        await asyncio.to_thread(manager.__exit__, None, None, None)
+
+
 async def _start(handler: Callable[[ServerConnection], Any], options: dict[str, Any]) -> Server:
-    return await serve(handler, "127.0.0.1", 0, **options)
+    server: Server = await serve(handler, "127.0.0.1", 0, **options)
+    return server
 
 
 @contextlib.contextmanager
@@ -155,3 +179,17 @@ def ready(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
     line = proc.stdout.readline()
     assert line, f"client exited: {proc.stderr.read() if proc.stderr else ''}"
     return line.strip()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
+    """Poll ``predicate`` from a coroutine until true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        await asyncio.sleep(0.02)
+
+
+def guard_tasks(loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[Any]]:
+    """The guard's tasks still alive on ``loop`` (call from the loop or after it idles)."""
+    return [t for t in asyncio.all_tasks(loop) if t.get_name().startswith("loopguard-ws-")]
