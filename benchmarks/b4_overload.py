@@ -55,7 +55,7 @@ VARIANTS = (
     "guard-close",
 )
 RATE = 500  # messages the consumer processes per second
-SIZE = 1024
+SIZE = 8192  # large enough that 30 s of excess outgrows the loopback socket buffers
 
 
 def _rss() -> int:

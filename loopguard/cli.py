@@ -80,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(subparser=run)
     demo.set_defaults(subparser=demo)
     demo.add_argument("--json", metavar="FILE", default=None, help="also write events to FILE")
+    demo.add_argument(
+        "scenario",
+        nargs="?",
+        choices=["websocket"],
+        help="`websocket`: a WebSocket receive loop that falls behind, then guard_receive "
+        "(needs the websockets package; about 25 s)",
+    )
 
     report = sub.add_parser(
         "report",
@@ -159,7 +166,19 @@ def _demo(args: argparse.Namespace) -> int:
     run = [sys.executable, "-m", "loopguard", "run", "--gil-dump"]
     if args.json:
         run += ["--json", args.json]
-    run += ["--", sys.executable, "-m", "loopguard._demo"]
+    module = "loopguard._demo"
+    if getattr(args, "scenario", None) == "websocket":
+        # Framework code lives in loopguard_integrations; loopguard only starts it.
+        import importlib.util
+
+        if any(
+            importlib.util.find_spec(m) is None for m in ("websockets", "loopguard_integrations")
+        ):
+            sys.stderr.write("loopguard demo websocket needs the websockets package\n")
+            return 2
+        module = "loopguard_integrations.demo_websocket"
+        run.remove("--gil-dump")  # two processes and threads: keep the demo crash-free
+    run += ["--", sys.executable, "-m", module]
     return subprocess.call(run)
 
 
