@@ -176,7 +176,7 @@ def test_uvicorn_keepalive_ends_the_inbox_of_a_frozen_client(ws: str) -> None:
 
 def test_clients_killed_abruptly_leave_nothing_behind(ws: str) -> None:
     scenario = Scenario(options={"maxsize": 5}, keep=False)
-    clients = 20
+    clients = 12
     with uvicorn_server(make_app(scenario), ws) as url:
         for _ in range(clients):
             with client_process(f"{url}/ws/a", "3", "0", "wait") as c:

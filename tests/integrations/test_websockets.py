@@ -209,15 +209,15 @@ def _hold_the_loop() -> None:
 def test_abrupt_client_deaths_leave_nothing_behind(reader: InMemoryMetricReader) -> None:
     handler = Handler(maxsize=5)
     refs: list[weakref.ref[_receiver.Inbox]] = []
-    clients = 20
+    clients = 12
     with websockets_server(handler) as (url, loops):
         for _ in range(clients):
             with client_process(url, "3", "0", "wait") as c:
                 assert ready(c) == "sent 3"
-                wait_until(lambda: len(handler.inboxes) > len(refs))
+                wait_until(lambda: len(handler.inboxes) > len(refs), 60)
                 refs.append(weakref.ref(handler.inboxes[-1]))
                 os.kill(c.pid, signal.SIGKILL)
-        wait_until(lambda: handler.done == clients, what="every inbox to end")
+        wait_until(lambda: handler.done == clients, 60, what="every inbox to end")
         assert loops.run(_tasks_of(loops.loop)) == []
     assert _receiver.active_connections() == 0
     active = collect(reader)[metrics.WEBSOCKET_CONNECTION_ACTIVE]

@@ -43,7 +43,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
     """Poll ``predicate`` from a plain thread (never on a loop) until true."""
     deadline = time.monotonic() + timeout
     while not predicate():
