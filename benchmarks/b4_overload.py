@@ -54,7 +54,7 @@ VARIANTS = (
     "guard-drop_newest",
     "guard-close",
 )
-RATE = 500  # messages the consumer processes per second
+RATE = 100  # messages the consumer processes per second
 SIZE = 8192  # large enough that 30 s of excess outgrows the loopback socket buffers
 
 
