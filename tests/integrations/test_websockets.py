@@ -70,6 +70,8 @@ async def test_order_end_and_nothing_left() -> None:
         async with connect(url) as client:
             for i in range(500):
                 await client.send(str(i) if i % 2 else bytes([i % 256]))
+                if i % 20 == 0:
+                    await asyncio.sleep(0)  # a send that fits the buffer does not yield
         await eventually(lambda: handler.done == 1)
     inbox = handler.inboxes[0]
     assert handler.received == [str(i) if i % 2 else bytes([i % 256]) for i in range(500)]
@@ -153,6 +155,8 @@ async def test_batches_group_small_messages_in_order() -> None:
         async with connect(url) as client:
             for i in range(300):
                 await client.send(str(i))
+                if i % 20 == 0:
+                    await asyncio.sleep(0)
         await eventually(lambda: sum(map(len, batches)) == 300)
     assert [m for b in batches for m in b] == [str(i) for i in range(300)]
     assert all(1 <= len(b) <= 50 for b in batches)
