@@ -237,6 +237,68 @@ def measure(server: str, config: str, seconds: float) -> dict[str, float]:
     }
 
 
+class _Memory:
+    """A transport that hands out ``n`` ready messages: the guard's own cost, no I/O."""
+
+    route: str | None = None
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    async def receive(self) -> str | None:
+        if self.left == 0:
+            return None
+        self.left -= 1
+        if self.left % 64 == 0:
+            await asyncio.sleep(0)  # a real transport waits now and then
+        return "x" * 64
+
+    async def close(self, code: int, reason: str) -> None:
+        pass
+
+    def closed_code(self) -> int | None:
+        return 1000
+
+    def keepalive_closed(self) -> bool:
+        return False
+
+    async def ping(self) -> None:
+        return None
+
+
+async def _core_once(n: int, guarded: bool) -> float:
+    from loopguard_integrations._receiver import guard
+
+    transport = _Memory(n)
+    start = time.perf_counter()
+    if guarded:
+        async with guard(transport, maxsize=64) as inbox:
+            async for _ in inbox:
+                pass
+    else:
+        while await transport.receive() is not None:
+            pass
+    return (time.perf_counter() - start) / n
+
+
+def core_cost(n: int = 50_000, repeats: int = 7) -> dict[str, float]:
+    """Per-message cost of the guard in µs (best of ``repeats``), without and with an SDK."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    import loopguard.metrics
+
+    out: dict[str, float] = {}
+    for label, sdk in (("no SDK", False), ("SDK reader", True)):
+        provider = MeterProvider(metric_readers=[InMemoryMetricReader()]) if sdk else None
+        loopguard.metrics.use_meter_provider(provider)
+        plain = min(asyncio.run(_core_once(n, False)) for _ in range(repeats))
+        guarded = min(asyncio.run(_core_once(n, True)) for _ in range(repeats))
+        out[label] = (guarded - plain) * 1e6
+    loopguard.metrics.use_meter_provider(None)
+    return out
+
+
 def run(options: Any) -> h.Report:
     """Measure every server and configuration, interleaved over rounds."""
     quick = bool(getattr(options, "quick", False))
@@ -286,6 +348,12 @@ def run(options: Any) -> h.Report:
         "vs watchdog µs",
     ]
     markdown = f"## {TITLE}\n\n" + h.markdown_table(header, rows, "llrrrrrr")
+    core = core_cost(10_000 if quick else 50_000)
+    data["core_us"] = core
+    markdown += "\n\nGuard cost per message in-process (receive, queue, hand out; best of 7):\n\n"
+    markdown += h.markdown_table(
+        ["metrics", "µs per message"], [[k, f"{v:.2f}"] for k, v in core.items()]
+    )
     return h.Report(name=NAME, markdown=markdown, data=data)
 
 
@@ -302,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[:1] == ["--client"]:
         client_main(argv[1], float(argv[2]), int(argv[3]))
+        return 0
+    if argv[:1] == ["--core"]:
+        for label, cost in core_cost().items():
+            print(f"guard cost per message ({label}): {cost:.2f} µs")
         return 0
     parser = argparse.ArgumentParser(description=TITLE)
     parser.add_argument("--quick", action="store_true", help="1 round of 1 s per variant")
