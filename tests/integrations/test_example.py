@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 from websockets.asyncio.client import connect
 from wsservers import uvicorn_server
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ws_ingest.py"
+
 
 def _load() -> ModuleType:
     spec = importlib.util.spec_from_file_location("ws_ingest_example", EXAMPLE)
@@ -19,6 +21,7 @@ def _load() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
 
 def test_the_ingest_example_acknowledges_every_reading() -> None:
     app = _load().app
@@ -28,6 +31,7 @@ def test_the_ingest_example_acknowledges_every_reading() -> None:
     assert acks[-1]["dropped"] == 0  # 500 readings fit the inbox
     assert all(0 <= a["score"] <= 1 for a in acks)
     assert len(acks) < 500  # batched
+
 
 async def _stream(url: str, count: int) -> list[dict[str, float]]:
     acks: list[dict[str, float]] = []
@@ -39,3 +43,8 @@ async def _stream(url: str, count: int) -> list[dict[str, float]]:
         while sum(a["ack"] for a in acks) < count:
             acks.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
     return acks
+
+
+# The servers' loops run in threads of the test process: on a loaded machine a GIL
+# hand-off alone (pytest-xdist's I/O thread) can hold them for hundreds of ms.
+pytestmark = pytest.mark.loopguard(threshold=1.0)

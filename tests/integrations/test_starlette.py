@@ -20,7 +20,12 @@ from wsservers import UVICORN_WS, client_process, ready, uvicorn_server, wait_un
 import loopguard
 from loopguard.events import ConnectionClosed
 
-pytestmark = pytest.mark.parametrize("ws", UVICORN_WS)
+pytestmark = [
+    pytest.mark.parametrize("ws", UVICORN_WS),
+    # The servers' loops run in threads of the test process: on a loaded machine a GIL
+    # hand-off alone (pytest-xdist's I/O thread) can hold them for hundreds of ms.
+    pytest.mark.loopguard(threshold=1.0),
+]
 
 
 def _all_received(scenario: Scenario, sent: int) -> bool:
@@ -122,9 +127,11 @@ def test_messages_over_max_bytes(ws: str, overflow: str, code: int) -> None:
     inbox = scenario.inbox
     assert scenario.received == []
     assert inbox.drops["too_large"] >= 1
-    assert inbox.delivered + inbox.dropped == 3
-    if overflow == "close":
+    if overflow == "close":  # what came after the close may never be read
         assert inbox.close_code == 1009
+        assert 1 <= inbox.delivered + inbox.dropped <= 3
+    else:
+        assert inbox.delivered + inbox.dropped == 3
 
 
 def test_idle_timeout_closes_and_ends(ws: str) -> None:

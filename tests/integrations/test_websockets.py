@@ -285,3 +285,8 @@ def _histogram(found: dict[str, Any], name: str) -> HistogramDataPoint:
     (point,) = found[name].data.data_points
     assert isinstance(point, HistogramDataPoint)
     return point
+
+
+# The servers' loops run in threads of the test process: on a loaded machine a GIL
+# hand-off alone (pytest-xdist's I/O thread) can hold them for hundreds of ms.
+pytestmark = pytest.mark.loopguard(threshold=1.0)
