@@ -123,6 +123,26 @@ def test_stall_fails_with_culprit_and_stack(pytester: pytest.Pytester) -> None:
     assert "<-- culprit" in out
 
 
+def test_dash_vv_shows_every_frame_of_a_stall(pytester: pytest.Pytester) -> None:
+    write(
+        pytester,
+        """
+        @pytest.mark.asyncio
+        async def test_spins():
+            await asyncio.sleep(0.01)
+            spin(0.4)
+            await asyncio.sleep(0.01)
+        """,
+    )
+    folded = run(pytester, "--loopguard").stdout.str()
+    assert "<-- culprit" in folded
+    assert "frame(s) in asyncio" in folded  # the loop's frames are folded by default
+    full = run(pytester, "--loopguard", "-vv").stdout.str()
+    assert "<-- culprit" in full
+    assert "frame(s) in" not in full
+    assert "asyncio/events.py:" in full  # the loop's own frames, shown one by one
+
+
 def test_stall_at_the_very_end_of_the_test_is_caught(pytester: pytest.Pytester) -> None:
     write(
         pytester,
