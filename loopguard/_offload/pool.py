@@ -49,11 +49,15 @@ Job = tuple[
     object,  # the caller's anyio cancel scope, or None
 ]
 
-try:  # anyio's hooks for worker threads; absent in some version, the fast path is off
-    from anyio._backends._asyncio import AsyncIOBackend, _task_states
+try:  # anyio's hooks for worker threads; if a version moves them, the fast path is off
+    from anyio._backends._asyncio import AsyncIOBackend, TaskState, _task_states
     from anyio._core._eventloop import claim_worker_thread, threadlocals
 
-    available = True
+    available = (
+        "cancel_scope" in getattr(TaskState, "__slots__", ())
+        and callable(getattr(_task_states, "get", None))
+        and isinstance(threadlocals, threading.local)
+    )
 except ImportError:  # pragma: no cover - depends on anyio's internals
     available = False
 
