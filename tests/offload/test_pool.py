@@ -46,9 +46,11 @@ async def _bump(box: list[int]) -> int:
     return len(box)
 
 
-@loopguard.offload
-def call_back_into_the_loop(box: list[int]) -> int:
+def _call_back(box: list[int]) -> int:
     return anyio.from_thread.run(_bump, box)
+
+
+call_back_into_the_loop = loopguard.offload(_call_back)
 
 
 async def test_the_body_can_call_back_into_the_loop(anyio_backend: object) -> None:
@@ -172,3 +174,14 @@ def test_a_forked_child_makes_its_own_workers() -> None:
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         loop.close()
+
+
+@ASYNCIO_ONLY
+async def test_without_anyios_hooks_calls_go_through_anyio(
+    anyio_backend: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool, "available", False)
+    fallback = loopguard.offload(lambda: threading.current_thread().name)
+    assert await fallback() == "AnyIO worker thread"
+    box: list[int] = []
+    assert await loopguard.offload(_call_back)(box) == 1
