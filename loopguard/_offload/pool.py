@@ -33,13 +33,16 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-__all__ = ["IDLE_SECONDS", "POLL_SECONDS", "Pool", "available", "pool_for"]
+__all__ = ["IDLE_SECONDS", "POLL_SECONDS", "THREAD_NAME", "Pool", "available", "pool_for"]
 
 IDLE_SECONDS = 10.0
 """A worker with no work for this long leaves (anyio's workers wait as long)."""
 
 POLL_SECONDS = 0.5
 """How often an idle worker checks whether its loop has closed."""
+
+THREAD_NAME = "@offload worker"
+"""The name of every worker thread, as debuggers and profilers show it."""
 
 Job = tuple[
     contextvars.Context,  # the caller's context, copied
@@ -109,7 +112,9 @@ class Pool:
 
 class _Worker(threading.Thread):
     def __init__(self, pool: Pool) -> None:
-        super().__init__(name="loopguard offload worker", daemon=True)
+        # Not "loopguard-...": the watchdog never blames its own threads, and a body
+        # that holds the GIL here is the user's work.
+        super().__init__(name=THREAD_NAME, daemon=True)
         self.pool = pool
         self.queue: SimpleQueue[Job] = SimpleQueue()
 

@@ -38,7 +38,7 @@ def thread_name() -> str:
 
 @ASYNCIO_ONLY
 async def test_asyncio_calls_run_in_loopguards_workers(anyio_backend: object) -> None:
-    assert await thread_name() == "loopguard offload worker"
+    assert await thread_name() == pool.THREAD_NAME
 
 
 async def _bump(box: list[int]) -> int:
@@ -129,7 +129,7 @@ async def test_unlimited_calls_share_anyios_default_thread_limit(anyio_backend: 
 
 
 def _worker_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "loopguard offload worker"]
+    return [t for t in threading.enumerate() if t.name == pool.THREAD_NAME]
 
 
 def _wait_for_no_workers(timeout: float) -> list[threading.Thread]:
