@@ -1,11 +1,13 @@
-"""The worker threads that run offloaded calls on asyncio and uvloop.
+"""The worker threads that run offloaded calls: a pool per asyncio loop, trio's own.
 
 It owns one small pool of worker threads per asyncio event loop and the hand-off of
-one call to it. A call costs what the stdlib's ``asyncio.to_thread`` costs and no
-more: one queue put, one ``call_soon_threadsafe`` back, one future. anyio's
-``to_thread.run_sync`` adds two loop round trips (a checkpoint and its limiter's) and
-a cancel scope per call, which on a small machine made ``@offload`` half as slow
-again as the stdlib call it replaces.
+one call to it, and the hand-off of one call to trio's worker threads. On asyncio a
+call costs what the stdlib's ``asyncio.to_thread`` costs and no more: one queue put,
+one ``call_soon_threadsafe`` back, one future. anyio's ``to_thread.run_sync`` adds two
+loop round trips (a checkpoint and its limiter's) and a cancel scope per call, which on
+a small machine made ``@offload`` half as slow again as the stdlib call it replaces.
+On trio, trio's own threads are used as anyio uses them, without anyio's look-up of
+the running backend on every call.
 
 The workers stay usable from the body the way anyio's are: ``anyio.from_thread.run()``
 and ``anyio.from_thread.check_cancelled()`` work in them (the thread is claimed for the
@@ -25,7 +27,7 @@ import contextvars
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from queue import Empty, SimpleQueue
 from time import monotonic
 from typing import Any
@@ -33,7 +35,16 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-__all__ = ["IDLE_SECONDS", "POLL_SECONDS", "THREAD_NAME", "Pool", "available", "pool_for"]
+__all__ = [
+    "IDLE_SECONDS",
+    "POLL_SECONDS",
+    "THREAD_NAME",
+    "Pool",
+    "available",
+    "in_trio_thread",
+    "via_anyio",
+    "pool_for",
+]
 
 IDLE_SECONDS = 10.0
 """A worker with no work for this long leaves (anyio's workers wait as long)."""
@@ -174,6 +185,55 @@ class _Worker(threading.Thread):
             future.set_exception(wrapped)
         else:
             future.set_exception(error)
+
+
+async def in_trio_thread(
+    func: Callable[..., Any], args: tuple[Any, ...], limiter: anyio.CapacityLimiter | None
+) -> Any:
+    """Run ``func(*args)`` in one of trio's worker threads, as ``anyio.to_thread`` would.
+
+    The same call as anyio's (trio's ``to_thread.run_sync`` in abandon mode, the thread
+    claimed for anyio so that ``anyio.from_thread`` works in it), without anyio's
+    look-up of the running backend on every call. ``limiter=None`` is trio's default
+    thread limiter, which is also anyio's default on trio.
+    """
+    hop = _trio_hop or _load_trio_hop()
+    return await hop(func, args, limiter)
+
+
+_TrioHop = Callable[[Callable[..., Any], tuple[Any, ...], Any], Coroutine[Any, Any, Any]]
+_trio_hop: _TrioHop | None = None
+
+
+def _load_trio_hop() -> _TrioHop:
+    global _trio_hop
+    import trio
+    import trio.to_thread
+
+    try:
+        from anyio._backends._trio import TrioBackend
+    except ImportError:  # pragma: no cover - depends on anyio's internals
+        _trio_hop = via_anyio
+        return _trio_hop
+    run_sync = trio.to_thread.run_sync
+    current_token = trio.lowlevel.current_trio_token
+
+    def claimed(token: object, func: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        with claim_worker_thread(TrioBackend, token):
+            return func(*args)
+
+    async def hop(func: Callable[..., Any], args: tuple[Any, ...], limiter: Any) -> Any:
+        return await run_sync(
+            claimed, current_token(), func, args, abandon_on_cancel=True, limiter=limiter
+        )
+
+    _trio_hop = hop
+    return hop
+
+
+async def via_anyio(func: Callable[..., Any], args: tuple[Any, ...], limiter: Any) -> Any:
+    """Run ``func(*args)`` through ``anyio.to_thread``, on any loop (the slow, safe way)."""
+    return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=True, limiter=limiter)
 
 
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pool] = weakref.WeakKeyDictionary()

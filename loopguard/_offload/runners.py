@@ -160,8 +160,8 @@ def _thread_call(runner: Runner) -> Callable[..., Coroutine[Any, Any, Any]]:
 
     It is the hot path, and for a plain ``@offload`` it is the decorated function
     itself: one coroutine between the caller and the worker. On asyncio and uvloop
-    the call goes to this subsystem's own workers (:mod:`.pool`), on trio through
-    ``anyio.to_thread``.
+    the call goes to this subsystem's own workers, on trio to trio's (:mod:`.pool`);
+    without the anyio hooks that needs, through ``anyio.to_thread``.
     """
     func = runner.func
     attributes = runner.attributes
@@ -169,8 +169,8 @@ def _thread_call(runner: Runner) -> Callable[..., Coroutine[Any, Any, Any]]:
     cancellable = runner.cancellable
     has_limit = runner.has_limit
     limiter_of = runner.limiter
-    run_sync = anyio.to_thread.run_sync
     running_loop = asyncio._get_running_loop if pool.available else lambda: None
+    on_trio = pool.in_trio_thread if pool.available else pool.via_anyio
 
     async def call_in_thread(*args: Any, **kwargs: Any) -> Any:
         loop = running_loop()
@@ -189,14 +189,10 @@ def _thread_call(runner: Runner) -> Callable[..., Coroutine[Any, Any, Any]]:
                 await track.acquire()
             try:
                 if loop is None:
-                    result = await run_sync(
+                    result = await on_trio(
                         _run_tracked,
-                        track,
-                        func,
-                        args,
-                        kwargs,
-                        abandon_on_cancel=True,
-                        limiter=None if limiter is None else unbounded(),
+                        (track, func, args, kwargs),
+                        None if limiter is None else unbounded(),
                     )
                 else:
                     future = loop.create_future()
