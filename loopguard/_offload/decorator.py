@@ -65,7 +65,7 @@ def offload(
     Where the body runs:
 
     * default: a worker thread (on asyncio and uvloop loopguard's own, as cheap per
-      call as ``asyncio.to_thread``; on trio anyio's). Context variables of the
+      call as ``asyncio.to_thread``; on trio trio's). Context variables of the
       caller are visible in the body; an exception keeps its traceback; the body may
       call ``anyio.from_thread.run()``. Calls without a ``limit`` share anyio's
       default thread limiter (40 at once).
