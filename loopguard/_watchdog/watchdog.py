@@ -81,7 +81,7 @@ class Watchdog:
         if self._recording is not None:
             sinks.append(self._recording)
         if self.config.log:
-            sinks.append(LoggingSink())
+            sinks.append(LoggingSink(full_stacks=self.config.full_stacks))
         if self.config.json is not None:
             sinks.append(JsonLinesSink(self.config.json))  # OSError here, at install
         if self.config.callback is not None:
