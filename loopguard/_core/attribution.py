@@ -13,25 +13,48 @@ import asyncio
 import contextvars
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MAX_ATTRIBUTES", "MAX_VALUE_LENGTH", "attribute", "attributes_of", "unattribute"]
+__all__ = [
+    "MAX_ATTRIBUTES",
+    "MAX_VALUE_LENGTH",
+    "TRACE_PARENT",
+    "attribute",
+    "attributes_of",
+    "current_attributes",
+    "unattribute",
+]
 
+#: The attribute that carries the blocked task's trace context, in W3C
+#: ``traceparent`` form, when :mod:`loopguard.otel` registers it.
+TRACE_PARENT = "traceparent"
 #: Context variables that can be registered at once.
 MAX_ATTRIBUTES = 16
 #: Characters kept of each attribute value.
 MAX_VALUE_LENGTH = 128
 
-_registry: dict[str, contextvars.ContextVar[Any]] = {}
+Convert = Callable[[Any], "str | None"]
+"""Turns a variable's value into the attribute's text (``None``: leave it out)."""
+
+# name -> (variable, how its value becomes text)
+_registry: dict[str, tuple[contextvars.ContextVar[Any], Convert]] = {}
 _lock = threading.Lock()
 
 
-def attribute(name: str, var: contextvars.ContextVar[Any]) -> None:
+def _text(value: Any) -> str:
+    return str(value)
+
+
+def attribute(name: str, var: contextvars.ContextVar[Any], convert: Convert = _text) -> None:
     """Attach the value of ``var`` in the running task to every stall, as ``name``.
 
     Args:
         name: Attribute name, e.g. ``"http.route"`` or ``"trace_id"``.
         var: The context variable to read; unset variables are left out.
+        convert: Turns the value into text, on the reading thread (``str`` by
+            default); returning ``None`` leaves the attribute out. Only the text is
+            kept, never the value.
 
     Raises:
         TypeError: ``var`` is not a ``contextvars.ContextVar``.
@@ -44,7 +67,7 @@ def attribute(name: str, var: contextvars.ContextVar[Any]) -> None:
     with _lock:
         if name not in _registry and len(_registry) >= MAX_ATTRIBUTES:
             raise ValueError(f"at most {MAX_ATTRIBUTES} attributes can be registered")
-        _registry[name] = var
+        _registry[name] = (var, convert)
 
 
 def unattribute(name: str) -> None:
@@ -105,10 +128,38 @@ def attributes_of(task: asyncio.Task[Any] | None, thread_id: int | None = None) 
         return out
     with _lock:
         items = list(_registry.items())
-    for name, var in items:
+    for name, (var, convert) in items:
         try:
             if var in context:
-                out[name] = str(context[var])[:MAX_VALUE_LENGTH]
+                text = convert(context[var])
+                if text is not None:
+                    out[name] = text[:MAX_VALUE_LENGTH]
         except Exception:
             continue
     return out
+
+
+def current_attributes() -> dict[str, str]:
+    """The registered attributes in the calling thread's current context.
+
+    For reports made on the loop thread itself, inside the task (a blocking call):
+    the values are read there, like :func:`attributes_of` reads a task's.
+    """
+    if not _registry:
+        return {}
+    with _lock:
+        items = list(_registry.items())
+    out: dict[str, str] = {}
+    for name, (var, convert) in items:
+        try:
+            value = var.get(_UNSET)
+            if value is not _UNSET:
+                text = convert(value)
+                if text is not None:
+                    out[name] = text[:MAX_VALUE_LENGTH]
+        except Exception:
+            continue
+    return out
+
+
+_UNSET = object()
