@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import sys
 import threading
 from collections.abc import Callable
@@ -96,6 +97,18 @@ def _running_handle_context(thread_id: int) -> contextvars.Context | None:
 _HANDLE_RUN_CODE = asyncio.events.Handle._run.__code__
 
 
+def _referenced_context(task: object) -> contextvars.Context | None:
+    # A C task before 3.12 keeps its context in a slot Python cannot name, but the
+    # garbage collector's traversal visits it first, before the done callbacks'
+    # contexts. This works on uvloop too, where no Handle frame is on the stack.
+    if type(task).__module__ != "_asyncio":
+        return None
+    for referent in gc.get_referents(task):
+        if type(referent) is contextvars.Context:
+            return referent
+    return None
+
+
 def attributes_of(task: asyncio.Task[Any] | None, thread_id: int | None = None) -> dict[str, str]:
     """Read the registered attributes from a task's context (safe from any thread).
 
@@ -121,7 +134,7 @@ def attributes_of(task: asyncio.Task[Any] | None, thread_id: int | None = None) 
     if get_context is not None:
         context = get_context()
     else:
-        context = getattr(task, "_context", None)
+        context = getattr(task, "_context", None) or _referenced_context(task)
         if context is None and thread_id is not None:
             context = _running_handle_context(thread_id)
     if context is None:
