@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Collection, Mapping
@@ -50,6 +51,8 @@ __all__ = [
     "OtelEventSink",
     "config_from_env",
     "configure",
+    "configure_from_cli",
+    "host_port",
 ]
 
 logger = logging.getLogger("loopguard")
@@ -354,54 +357,87 @@ def configure(
     """
     if not (console or otlp or prometheus):
         raise ValueError("configure(): choose an output: console, otlp or prometheus")
-    address = _host_port(prometheus) if prometheus else None
+    try:
+        address = host_port(prometheus) if prometheus else None
+    except ValueError as exc:
+        raise ValueError(f"prometheus: {exc}") from None
     from opentelemetry.sdk._logs import LoggerProvider
     from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 
     interval_ms = export_interval * 1000
-    readers: list[MetricReader] = []
-    processors: list[Any] = []
-    if console:
-        from opentelemetry.sdk._logs.export import ConsoleLogRecordExporter
-        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
-
-        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(), interval_ms))
-        processors.append(BatchLogRecordProcessor(ConsoleLogRecordExporter()))
-    if otlp:
-        readers.append(PeriodicExportingMetricReader(_otlp_metrics(otlp), interval_ms))
-        processors.append(BatchLogRecordProcessor(_otlp_logs(otlp)))
-    if address is not None:
-        readers.append(_prometheus(*address))
     if _is_unset(otel_metrics.get_meter_provider()):
+        readers: list[MetricReader] = []
+        if console:
+            from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(), interval_ms))
+        if otlp:
+            readers.append(PeriodicExportingMetricReader(_otlp_metrics(otlp), interval_ms))
+        if address is not None:
+            readers.append(_prometheus(*address))
         otel_metrics.set_meter_provider(MeterProvider(metric_readers=readers))
     else:
-        logger.info("loopguard.otel.configure(): keeping the application's MeterProvider")
-    if processors and _is_unset(otel_logs.get_logger_provider()):
+        logger.warning(
+            "loopguard.otel.configure(): the application set a MeterProvider; "
+            "loopguard reports to it and adds no exporter of its own"
+        )
+    if (console or otlp) and _is_unset(otel_logs.get_logger_provider()):
         provider = LoggerProvider()
-        for processor in processors:
-            provider.add_log_record_processor(processor)
+        if console:
+            from opentelemetry.sdk._logs.export import ConsoleLogRecordExporter
+
+            provider.add_log_record_processor(BatchLogRecordProcessor(ConsoleLogRecordExporter()))
+        if otlp:
+            provider.add_log_record_processor(BatchLogRecordProcessor(_otlp_logs(otlp)))
         otel_logs.set_logger_provider(provider)
     instrumentor = LoopguardInstrumentor()
     instrumentor.instrument()
     return instrumentor
 
 
-def _host_port(text: str) -> tuple[str, int]:
+def host_port(text: str) -> tuple[str, int]:
+    """Split ``"HOST:PORT"`` (an empty host: every interface).
+
+    Raises:
+        ValueError: The text is not ``HOST:PORT`` with a port from 0 to 65535.
+    """
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"prometheus must be HOST:PORT, got {text!r}")
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
     return host or "0.0.0.0", int(port)
+
+
+def configure_from_cli() -> None:
+    """What ``loopguard run --otel`` / ``--prometheus HOST:PORT`` do in each process.
+
+    Never raises: a failure (a missing exporter package, a port in use) is written
+    on stderr and the program runs on with the watchdog alone.
+    """
+    try:
+        configure(
+            otlp=bool(os.environ.get(ENV_PREFIX + "OTEL")),
+            prometheus=os.environ.get(ENV_PREFIX + "PROMETHEUS") or None,
+        )
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"loopguard: OpenTelemetry outputs not started: {exc}\n")
 
 
 def _endpoint(otlp: str | bool, signal: str) -> str | None:
     return None if otlp is True else f"{str(otlp).rstrip('/')}/v1/{signal}"
 
 
-def _otlp_metrics(otlp: str | bool) -> Any:
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+def _missing(what: str, package: str, exc: ImportError) -> ImportError:
+    return ImportError(f"configure({what}) needs the package {package} ({exc})")
 
+
+def _otlp_metrics(otlp: str | bool) -> Any:
+    try:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    except ImportError as exc:
+        raise _missing("otlp=...", "opentelemetry-exporter-otlp-proto-http", exc) from None
     return OTLPMetricExporter(endpoint=_endpoint(otlp, "metrics"))
 
 
@@ -412,8 +448,10 @@ def _otlp_logs(otlp: str | bool) -> Any:
 
 
 def _prometheus(host: str, port: int) -> Any:
-    from opentelemetry.exporter.prometheus import PrometheusMetricReader
-    from prometheus_client import start_http_server
-
+    try:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+    except ImportError as exc:
+        raise _missing("prometheus=...", "opentelemetry-exporter-prometheus", exc) from None
     start_http_server(port, addr=host)
     return PrometheusMetricReader()
