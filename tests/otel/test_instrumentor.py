@@ -127,7 +127,9 @@ def test_instrument_and_uninstrument_are_idempotent_and_undo_everything(
     instrumentor: LoopguardInstrumentor, logs: Any
 ) -> None:
     provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
-    instrumentor.instrument(meter_provider=provider, logger_provider=logs[0])
+    instrumentor.instrument(
+        meter_provider=provider, logger_provider=logs[0], tracer_provider=TracerProvider()
+    )
     wd = loopguard.current()
     assert wd is not None and wd.config.threshold == 0.15
     assert vars(metrics)["_provider"] is provider
