@@ -50,6 +50,7 @@ def install(
     gil_dump: bool = False,
     blocking: BlockingMode = "off",
     blocking_allow: Sequence[str | Allow] = (),
+    full_stacks: bool = False,
     **unknown: NoReturn,
 ) -> Watchdog:
     """Start the process-wide watchdog; every event loop that runs is watched.
@@ -84,6 +85,8 @@ def install(
             ``BlockingCallError``), ``"record"`` (event only) or ``"off"``.
         blocking_allow: Allow rules for the guard (``Allow`` or text
             ``module[:function][@call,...]``), on top of the defaults.
+        full_stacks: Show every frame of a stack in logged reports; by default
+            the frames that are not the user's are folded around the culprit's line.
         **unknown: Rejected: any other keyword raises ``ValueError``.
 
     Returns:

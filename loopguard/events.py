@@ -258,6 +258,8 @@ class BlockingCall(Event):
         loop: Kind of loop: ``"asyncio"``, ``"uvloop"`` or ``"trio"``.
         suppressed: Calls from the same line not reported as events since the
             previous event from it (per-site rate limit; ``0`` when none).
+        attributes: Values of the context variables registered with
+            :func:`loopguard.attribute`, read in the task that made the call.
     """
 
     kind: ClassVar[str] = "blocking_call"
@@ -271,6 +273,7 @@ class BlockingCall(Event):
     thread: str = ""
     loop: str = "asyncio"
     suppressed: int = 0
+    attributes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

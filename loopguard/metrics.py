@@ -31,19 +31,27 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace as otel_trace
+from opentelemetry.context import Context
 
 __all__ = [
     "ASYNCIO_BLOCKING_CALLS",
+    "BLOCKING_CALL_ACTION",
+    "BLOCKING_CALL_FUNCTION",
     "EVENTLOOP_DELAY",
     "EVENTLOOP_PENDING_CALLBACKS",
     "EVENTLOOP_SLOW_CALLBACKS",
     "EVENTLOOP_STALLS",
+    "EVENTLOOP_STALL_CAUSE",
     "EVENTLOOP_STALL_DURATION",
+    "EVENTLOOP_STATE",
     "EVENTLOOP_TASKS",
     "EVENTLOOP_TIME",
     "EVENTLOOP_UTILIZATION",
     "METER_NAME",
     "OFFLOAD_ACTIVE",
+    "OFFLOAD_FUNCTION",
+    "OFFLOAD_MODE",
     "OFFLOAD_RUN_DURATION",
     "OFFLOAD_WAIT_DURATION",
     "SPECS",
@@ -61,6 +69,7 @@ __all__ = [
     "instrument",
     "observe",
     "record",
+    "trace_context",
     "use_meter_provider",
 ]
 
@@ -76,27 +85,34 @@ InstrumentKind = Literal["counter", "updowncounter", "histogram", "gauge"]
 EVENTLOOP_DELAY = "asyncio.eventloop.delay"
 EVENTLOOP_UTILIZATION = "asyncio.eventloop.utilization"
 EVENTLOOP_TIME = "asyncio.eventloop.time"
-EVENTLOOP_STALLS = "asyncio.eventloop.stalls"
+EVENTLOOP_STALLS = "asyncio.eventloop.stall.count"
 EVENTLOOP_STALL_DURATION = "asyncio.eventloop.stall.duration"
-EVENTLOOP_SLOW_CALLBACKS = "asyncio.eventloop.slow_callbacks"
-EVENTLOOP_PENDING_CALLBACKS = "asyncio.eventloop.pending_callbacks"
-EVENTLOOP_TASKS = "asyncio.eventloop.tasks"
-ASYNCIO_BLOCKING_CALLS = "asyncio.blocking_calls"
+EVENTLOOP_SLOW_CALLBACKS = "asyncio.eventloop.slow_callback.count"
+EVENTLOOP_PENDING_CALLBACKS = "asyncio.eventloop.callback.pending"
+EVENTLOOP_TASKS = "asyncio.eventloop.task.count"
+ASYNCIO_BLOCKING_CALLS = "asyncio.blocking_call.count"
 # Offload.
 OFFLOAD_WAIT_DURATION = "loopguard.offload.wait.duration"
 OFFLOAD_RUN_DURATION = "loopguard.offload.run.duration"
 OFFLOAD_ACTIVE = "loopguard.offload.active"
+# Attribute keys, each under its metric's namespace (OpenTelemetry naming rules).
+EVENTLOOP_STATE = "asyncio.eventloop.state"
+EVENTLOOP_STALL_CAUSE = "asyncio.eventloop.stall.cause"
+BLOCKING_CALL_FUNCTION = "asyncio.blocking_call.function"
+BLOCKING_CALL_ACTION = "asyncio.blocking_call.action"
+OFFLOAD_MODE = "loopguard.offload.mode"
+OFFLOAD_FUNCTION = "loopguard.offload.function"
 # Guarded WebSocket receive (loopguard_integrations): every attribute is under the
 # metric's namespace or a registered one (http.route, error.type), values bounded.
 WEBSOCKET_RECEIVE_QUEUE_SIZE = "websocket.receive.queue.size"
 WEBSOCKET_RECEIVE_QUEUE_CAPACITY = "websocket.receive.queue.capacity"
 WEBSOCKET_RECEIVE_TIME_IN_QUEUE = "websocket.receive.time_in_queue"
-WEBSOCKET_RECEIVE_MESSAGES = "websocket.receive.messages"
+WEBSOCKET_RECEIVE_MESSAGES = "websocket.receive.message.count"
 WEBSOCKET_RECEIVE_LAG = "websocket.receive.lag"
 WEBSOCKET_PROCESS_DURATION = "websocket.process.duration"
 WEBSOCKET_CONNECTION_ACTIVE = "websocket.connection.active"
 WEBSOCKET_PING_DURATION = "websocket.ping.duration"
-WEBSOCKET_CLOSES = "websocket.closes"
+WEBSOCKET_CLOSES = "websocket.close.count"
 
 # Bucket advice for histograms in seconds. The SDK's default boundaries (0, 5, 10,
 # 25, ... 10000) suit milliseconds and would put every loop delay in one bucket.
@@ -146,7 +162,7 @@ class MetricSpec:
     buckets: tuple[float, ...] | None = None
 
 
-_OFFLOAD_ATTRIBUTES = ("mode", "function")
+_OFFLOAD_ATTRIBUTES = (OFFLOAD_MODE, OFFLOAD_FUNCTION)
 # The route template (never the raw path): the only attribute every WebSocket metric has.
 _WEBSOCKET_ATTRIBUTES = ("http.route",)
 
@@ -172,14 +188,14 @@ SPECS: Mapping[str, MetricSpec] = MappingProxyType(
                 "counter",
                 "s",
                 "Time the event loop spent active (running callbacks) or idle (waiting).",
-                attributes=("state",),
+                attributes=(EVENTLOOP_STATE,),
             ),
             MetricSpec(
                 EVENTLOOP_STALLS,
                 "counter",
                 "{stall}",
                 "Stalls: the loop was held for at least the threshold.",
-                attributes=("cause",),
+                attributes=(EVENTLOOP_STALL_CAUSE,),
             ),
             MetricSpec(
                 EVENTLOOP_STALL_DURATION,
@@ -206,7 +222,7 @@ SPECS: Mapping[str, MetricSpec] = MappingProxyType(
                 "counter",
                 "{call}",
                 "Blocking calls made on the event loop thread, by catalogued function.",
-                attributes=("function", "action"),
+                attributes=(BLOCKING_CALL_FUNCTION, BLOCKING_CALL_ACTION),
             ),
             MetricSpec(
                 OFFLOAD_WAIT_DURATION,
@@ -258,7 +274,11 @@ SPECS: Mapping[str, MetricSpec] = MappingProxyType(
                 "counter",
                 "{message}",
                 "Messages received, by outcome (delivered or dropped, with the reason).",
-                attributes=(*_WEBSOCKET_ATTRIBUTES, "websocket.receive.outcome", "error.type"),
+                attributes=(
+                    *_WEBSOCKET_ATTRIBUTES,
+                    "websocket.receive.message.outcome",
+                    "error.type",
+                ),
             ),
             MetricSpec(
                 WEBSOCKET_RECEIVE_LAG,
@@ -415,7 +435,9 @@ def _reporter(name: str) -> Callable[..., None]:
     return report
 
 
-def record(name: str, value: float, attributes: Attributes | None = None) -> None:
+def record(
+    name: str, value: float, attributes: Attributes | None = None, context: Context | None = None
+) -> None:
     """Report one value to a synchronous instrument; never raises.
 
     Adds to a counter or up-down counter, records into a histogram, sets a gauge.
@@ -424,12 +446,50 @@ def record(name: str, value: float, attributes: Attributes | None = None) -> Non
         name: One of the names in :data:`SPECS`.
         value: The value (an increment for counters).
         attributes: Attributes, with keys from the metric's spec only.
+        context: The OpenTelemetry context the value belongs to (its span becomes
+            the exemplar's); ``None``: the calling thread's current context.
     """
     try:
         report = _reporters.get(name) or _reporter(name)
-        report(value, attributes)
+        if context is None:
+            report(value, attributes)
+        else:
+            report(value, attributes, context)
     except Exception:
         _fail(name)
+
+
+def trace_context(traceparent: str | None) -> Context | None:
+    """The OpenTelemetry context of a span given in W3C ``traceparent`` form.
+
+    Events carry the trace context of the task they blocked as text (see
+    :mod:`loopguard.otel`); this turns it back into a context to record a value or
+    emit a log record in, without the span object itself.
+
+    Args:
+        traceparent: ``"00-<trace id>-<span id>-<flags>"``, or ``None``.
+
+    Returns:
+        A context whose current span is a non-recording span with that trace id,
+        span id and flags; ``None`` when there is none or the text is malformed.
+    """
+    if not traceparent:
+        return None
+    try:
+        _, trace_id, span_id, flags = traceparent.split("-")
+        span = otel_trace.NonRecordingSpan(
+            otel_trace.SpanContext(
+                int(trace_id, 16),
+                int(span_id, 16),
+                is_remote=False,
+                trace_flags=otel_trace.TraceFlags(int(flags, 16)),
+            )
+        )
+        if not span.get_span_context().is_valid:
+            return None
+        return otel_trace.set_span_in_context(span)
+    except Exception:
+        return None
 
 
 def observe(name: str, callback: ObservableCallback | None) -> None:

@@ -468,8 +468,11 @@ class LoopguardPlugin:
                 failing_stalls.append(stall)
         stalls = failing_stalls
         pending, self._pending = self._pending, []
+        full = self.config.get_verbosity() >= 2  # -vv: every frame of every stack
         if noted:
-            text = "\n".join(f"[{why}] {describe(trimmed([e]))}" for why, e in noted)
+            text = "\n".join(
+                f"[{why}] {describe(trimmed([e]), full_stacks=full)}" for why, e in noted
+            )
             report.sections.append((_WARN_SECTION, text))
         problems = [*failing_calls, *stalls]
         if not problems and not pending:
@@ -479,7 +482,7 @@ class LoopguardPlugin:
         if stalls:
             head += f" (stall threshold {settings.threshold * 1000:.0f} ms)"
         head += ":"
-        parts = [head, describe(trimmed(problems))] if problems else []
+        parts = [head, describe(trimmed(problems), full_stacks=full)] if problems else []
         if pending:
             parts.extend(pending)
         text = "\n".join(p for p in parts if p)

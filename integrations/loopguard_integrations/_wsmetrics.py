@@ -101,7 +101,7 @@ class Registry:
                         totals[(route, "dropped", reason)] += count
         out: list[tuple[float, m.Attributes | None]] = []
         for (route, outcome, reason), value in totals.items():
-            attrs: dict[str, str] = {"websocket.receive.outcome": outcome}
+            attrs: dict[str, str] = {"websocket.receive.message.outcome": outcome}
             if route:
                 attrs["http.route"] = route
             if reason:

@@ -102,6 +102,10 @@ class Config:
             ``BlockingCallError``) or ``"record"`` (report without logging).
         blocking_allow: Allow rules for the guard, on top of the defaults:
             ``Allow`` objects or text ``module[:function][@call,...]``.
+        full_stacks: Show every frame of a stack in logged reports. By default the
+            culprit's frame and the user's frames are shown and runs of other
+            frames (the event loop, the standard library, installed packages,
+            loopguard) are folded into one line naming their packages.
     """
 
     threshold: float = _option(
@@ -156,6 +160,13 @@ class Config:
         action="append",
         metavar="RULE",
         help="allow blocking calls under MODULE[:FUNCTION][@CALL,...] (repeatable)",
+    )
+    full_stacks: bool = _option(
+        False,
+        env=_flag,
+        action="store_true",
+        help="show every frame of a stack in reports (default: fold the frames of the "
+        "event loop, the standard library and installed packages around the culprit)",
     )
 
     def __post_init__(self) -> None:
@@ -241,7 +252,8 @@ class Config:
         """
         env = os.environ if environ is None else environ
         parsers = {o.variable[len(ENV_PREFIX) :]: o.parse for o in env_options()}
-        internal = {"SUMMARY", "BOOTSTRAPPED"}  # set by the CLI for its own use
+        # Set by the CLI for its own use (the summary, the OpenTelemetry outputs).
+        internal = {"SUMMARY", "BOOTSTRAPPED", "OTEL", "PROMETHEUS"}
         options: dict[str, Any] = {}
         for key, raw in env.items():
             if not key.startswith(ENV_PREFIX):

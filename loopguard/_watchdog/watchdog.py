@@ -28,10 +28,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._blocking import BlockingGuard, call_during
-from .._core.attribution import attributes_of
+from .._core.attribution import TRACE_PARENT, attributes_of
 from .._core.loops import loop_kind
 from ..events import Event, Frame, SlowCallback, Stall
-from ..metrics import EVENTLOOP_SLOW_CALLBACKS, EVENTLOOP_STALL_DURATION, EVENTLOOP_STALLS
+from ..metrics import (
+    EVENTLOOP_SLOW_CALLBACKS,
+    EVENTLOOP_STALL_CAUSE,
+    EVENTLOOP_STALL_DURATION,
+    EVENTLOOP_STALLS,
+    trace_context,
+)
 from ..metrics import record as _record
 from ..sinks import CallbackSink, JsonLinesSink, LoggingSink, RecordingSink, Sink, SinkSet
 from . import registry
@@ -81,7 +87,7 @@ class Watchdog:
         if self._recording is not None:
             sinks.append(self._recording)
         if self.config.log:
-            sinks.append(LoggingSink())
+            sinks.append(LoggingSink(full_stacks=self.config.full_stacks))
         if self.config.json is not None:
             sinks.append(JsonLinesSink(self.config.json))  # OSError here, at install
         if self.config.callback is not None:
@@ -443,8 +449,10 @@ class Watchdog:
             if stall.duration < threshold:
                 continue
             if reports:
-                _record(EVENTLOOP_STALLS, 1, {"cause": stall.cause})
-                _record(EVENTLOOP_STALL_DURATION, stall.duration)
+                _record(EVENTLOOP_STALLS, 1, {EVENTLOOP_STALL_CAUSE: stall.cause})
+                # In the blocked task's trace context: exemplars link to its request.
+                trace = trace_context(stall.attributes.get(TRACE_PARENT))
+                _record(EVENTLOOP_STALL_DURATION, stall.duration, None, trace)
             self.sinks.emit(stall)
         return next_wake, bool(watches)
 

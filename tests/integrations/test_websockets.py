@@ -252,10 +252,10 @@ async def test_metrics(reader: InMemoryMetricReader) -> None:
     inbox = handler.inboxes[0]
     after = collect(reader)
     messages = metrics.WEBSOCKET_RECEIVE_MESSAGES
-    delivered = {"http.route": "/feed", "websocket.receive.outcome": "delivered"}
+    delivered = {"http.route": "/feed", "websocket.receive.message.outcome": "delivered"}
     dropped = {
         "http.route": "/feed",
-        "websocket.receive.outcome": "dropped",
+        "websocket.receive.message.outcome": "dropped",
         "error.type": "overflow",
     }
     assert _value(after, messages, delivered) == inbox.delivered
