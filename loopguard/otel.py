@@ -40,11 +40,12 @@ from . import _api, metrics
 from ._core.attribution import TRACE_PARENT, attribute, unattribute
 from ._version import __version__
 from ._watchdog import ENV_PREFIX, Config, Watchdog, env_options
-from .events import BlockingCall, Event, Frame, Stall
+from .events import BlockingCall, ConnectionClosed, Event, Frame, Stall
 from .sinks import format_blocking_call, format_stall
 
 __all__ = [
     "BLOCKING_CALL_EVENT",
+    "CONNECTION_CLOSED_EVENT",
     "ENV_PREFIX_OTEL",
     "STALL_EVENT",
     "LoopguardInstrumentor",
@@ -61,6 +62,8 @@ STALL_EVENT = "asyncio.eventloop.stall"
 """Event name of the log record sent for each stall."""
 BLOCKING_CALL_EVENT = "asyncio.blocking_call"
 """Event name of the log record sent for each reported blocking call."""
+CONNECTION_CLOSED_EVENT = "websocket.connection.closed"
+"""Event name of the log record sent when the WebSocket guard explains a close."""
 ENV_PREFIX_OTEL = "OTEL_PYTHON_LOOPGUARD_"
 """Prefix of the OpenTelemetry-style twin of each ``LOOPGUARD_*`` variable."""
 
@@ -161,11 +164,40 @@ class OtelEventSink:
         self._logger = provider.get_logger("loopguard", __version__)
 
     def emit(self, event: Event) -> None:
-        """Send a stall or a blocking call; other events are left out."""
+        """Send a stall, a blocking call or a WebSocket close; other events are left out."""
         if isinstance(event, Stall):
             self._emit_stall(event)
         elif isinstance(event, BlockingCall):
             self._emit_call(event)
+        elif isinstance(event, ConnectionClosed):
+            self._emit_closed(event)
+
+    def _emit_closed(self, closed: ConnectionClosed) -> None:
+        attributes: dict[str, Any] = {
+            **_code(closed.stall),  # the line that held the loop during the last ping window
+            "websocket.close.code": closed.code,
+            "websocket.close.reason": closed.reason,
+            metrics.WEBSOCKET_RECEIVE_QUEUE_SIZE: closed.depth,
+            metrics.WEBSOCKET_RECEIVE_QUEUE_CAPACITY: closed.maxsize,
+            metrics.WEBSOCKET_RECEIVE_LAG: closed.lag,
+            "websocket.receive.delivered": closed.delivered,
+            "websocket.receive.dropped": closed.dropped,
+        }
+        optional = {
+            "http.route": closed.route,
+            "websocket.receive.queue.full_since": closed.full_since,
+            "websocket.ping.rtt": closed.ping_rtt,
+            metrics.EVENTLOOP_STALL_DURATION: closed.stall_duration,
+        }
+        attributes.update({k: v for k, v in optional.items() if v is not None})
+        self._send(
+            CONNECTION_CLOSED_EVENT,
+            time.time(),
+            otel_logs.SeverityNumber.WARN,
+            str(closed),
+            attributes,
+            None,
+        )
 
     def _emit_stall(self, stall: Stall) -> None:
         attributes: dict[str, Any] = {
