@@ -85,6 +85,11 @@ def format_summary(wd: Watchdog) -> str:
             ],
             "culprits",
         )
+    for r in wd.summary.startup_rows():
+        lines.append(
+            f"  start-up (import inside the loop): {r.count} stall(s), {r.total:.3f} s, at "
+            + (where(r.culprit) if r.culprit else "(not sampled)")
+        )
     calls = wd.summary.call_rows()
     if calls:
         lines.append(f"  {sum(c.count for c in calls)} blocking call(s) on the loop thread")

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["LoopWatch", "Ongoing", "trio_beat"]
 
 _monotonic = time.monotonic
+#: Task names kept per stall (``Stall.tasks``).
+MAX_TASKS = 8
 
 
 class LoopWatch:
@@ -127,7 +129,16 @@ async def trio_beat(watch: LoopWatch) -> None:
 class Ongoing:
     """A stall the sampler is watching while it lasts."""
 
-    __slots__ = ("attributes", "before", "folder", "others", "starved", "task", "tick")
+    __slots__ = (
+        "attributes",
+        "before",
+        "folder",
+        "max_gap",
+        "others",
+        "task",
+        "tasks",
+        "tick",
+    )
 
     def __init__(self, tick: float, before: CpuSnapshot | None) -> None:
         self.tick = tick
@@ -136,4 +147,10 @@ class Ongoing:
         self.others: dict[int, tuple[Frame, ...]] | None = None
         self.task: str | None = None
         self.attributes: dict[str, str] = {}
-        self.starved = 0
+        self.max_gap = 0.0  # the longest the sampler went without running, seconds
+        self.tasks: dict[str, None] = {}  # tasks seen running, in order (bounded)
+
+    def saw(self, task: str | None) -> None:
+        """Note a task seen running on the loop during the stall."""
+        if task is not None and len(self.tasks) < MAX_TASKS:
+            self.tasks[task] = None

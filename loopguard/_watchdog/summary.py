@@ -103,6 +103,7 @@ class StallSummary:
         self._other = CulpritStats(None)
         self._calls: dict[tuple[str, Frame | None], CallSiteStats] = {}
         self._other_calls = CallSiteStats("other", None)
+        self._startup: dict[Frame | None, CulpritStats] = {}  # cause "import": not user stalls
         self._lock = threading.Lock()
 
     def emit(self, event: object) -> None:
@@ -113,12 +114,13 @@ class StallSummary:
         if not isinstance(event, Stall):
             return
         with self._lock:
-            stats = self._by.get(event.culprit)
+            by = self._startup if event.cause == "import" else self._by
+            stats = by.get(event.culprit)
             if stats is None:
-                if len(self._by) >= self.max_culprits:
+                if len(by) >= self.max_culprits:
                     stats = self._other
                 else:
-                    stats = self._by[event.culprit] = CulpritStats(event.culprit)
+                    stats = by[event.culprit] = CulpritStats(event.culprit)
             stats.count += 1
             stats.total += event.duration
             stats.max = max(stats.max, event.duration)
@@ -149,4 +151,10 @@ class StallSummary:
             rows = list(self._by.values())
             if self._other.count:
                 rows.append(self._other)
+        return sorted(rows, key=lambda r: r.total, reverse=True)
+
+    def startup_rows(self) -> list[CulpritStats]:
+        """Start-up stalls (imports run inside the loop), longest first; not in :meth:`rows`."""
+        with self._lock:
+            rows = list(self._startup.values())
         return sorted(rows, key=lambda r: r.total, reverse=True)

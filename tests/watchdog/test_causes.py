@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures.thread
-import faulthandler
 import itertools
 import json
-import logging
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 from pathlib import Path
@@ -32,7 +29,8 @@ import loopguard
 import loopguard.sinks
 import loopguard.testing
 from loopguard import Frame, Stall
-from loopguard._watchdog.causes import CpuSnapshot, _original_arm, diagnose, parse_dump
+from loopguard._watchdog.capture import Dump
+from loopguard._watchdog.causes import CpuSnapshot, diagnose
 from loopguard._watchdog.sampling import StackFolder
 
 # These tests block event loops on purpose: the plugin must not fail them.
@@ -84,7 +82,7 @@ KINDS = {
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_each_stall_kind_through_the_api(loop_kind: str, kind: str) -> None:
     main, cause, lines = KINDS[kind]
-    with loopguard.watch(threshold=THRESHOLD, interval=INTERVAL, gil_dump=True) as wd:
+    with loopguard.watch(threshold=THRESHOLD, interval=INTERVAL) as wd:  # default options
         run(loop_kind, main)
         stalls = collect(wd)
     assert stalls, "no stall reported"
@@ -152,7 +150,6 @@ def test_each_stall_kind_through_the_cli(tmp_path: Path) -> None:
                 "-m",
                 "loopguard",
                 "run",
-                "--gil-dump",
                 "--json",
                 str(out),
                 "--",
@@ -176,36 +173,13 @@ def test_each_stall_kind_through_the_cli(tmp_path: Path) -> None:
         assert "hog-worker" in result.stderr
 
 
-def test_steps_aside_while_someone_else_uses_the_faulthandler_timer() -> None:
-    with (
-        tempfile.TemporaryFile() as theirs,
-        loopguard.watch(threshold=THRESHOLD, gil_dump=True) as wd,
-    ):
-        faulthandler.dump_traceback_later(30, file=theirs)  # e.g. pytest's faulthandler_timeout
-        try:
-            run("asyncio", lambda: _in_callback(regex_hold))
-            stalls = collect(wd)
-        finally:
-            faulthandler.cancel_dump_traceback_later()
-        # No dump of ours: the cause comes from CPU clocks alone, the line is not guessed.
-        assert [(s.cause, s.culprit) for s in stalls] == [("c-held-gil", None)], [
-            (s.duration, s.loop_cpu, s.hog, threading.enumerate()) for s in stalls
-        ]
-        theirs.seek(0)
-        assert theirs.read() == b""  # their timer was never fired or replaced by ours
-        run("asyncio", lambda: _in_callback(regex_hold))  # after they cancel: back in service
-        stalls = collect(wd)
-    assert [s.cause for s in stalls][-1] == "c-held-gil"
-    assert faulthandler.dump_traceback_later is _original_arm
-
-
 def test_pytest_faulthandler_timeout_still_fires(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
         import asyncio, time, loopguard
 
         def test_slow():
-            with loopguard.watch(threshold=0.1, gil_dump=True):
+            with loopguard.watch(threshold=0.1):
                 asyncio.run(asyncio.sleep(0.1))
                 time.sleep(2.5)
         """
@@ -213,24 +187,6 @@ def test_pytest_faulthandler_timeout_still_fires(pytester: pytest.Pytester) -> N
     result = pytester.runpytest_subprocess("-o", "faulthandler_timeout=1", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     assert "Timeout" in result.stderr.str()  # pytest's own dump still happened
-
-
-def test_parse_dump() -> None:
-    text = (
-        "Timeout (0:00:01)!\n"
-        "Thread 0x00007f0000000001 (most recent call first):\n"
-        '  File "/app/worker.py", line 7 in crunch\n'
-        '  File "/usr/lib/python3/threading.py", line 1 in run\n'
-        "\n"
-        "Current thread 0x00007f0000000002 (most recent call first):\n"
-        '  File "/app/main.py", line 3 in main\n'
-    )
-    stacks = parse_dump(text)
-    assert stacks[0x7F0000000001] == (
-        Frame("/usr/lib/python3/threading.py", 1, "run"),
-        Frame("/app/worker.py", 7, "crunch"),
-    )
-    assert stacks[0x7F0000000002] == (Frame("/app/main.py", 3, "main"),)
 
 
 def test_diagnose_without_evidence_is_unknown() -> None:
@@ -258,7 +214,7 @@ def test_diagnose_prefers_the_thread_that_burned_the_cpu() -> None:
         folder=None,
         before=before,
         after=after,
-        dump={1: loop_stack, 2: idle, 3: busy},
+        dump=Dump(0.1, 0.2, {1: loop_stack, 2: idle, 3: busy}, {1: "Main", 2: "w1", 3: "w2"}, 3),
         others=None,
     )
     assert found.cause == "gil"
@@ -300,59 +256,15 @@ def test_diagnose_never_blames_an_idle_thread_for_a_hog_that_exited() -> None:
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
-def test_without_the_dump_cpu_clocks_still_tell_the_gil_causes_apart(loop_kind: str) -> None:
-    with loopguard.watch(threshold=THRESHOLD) as wd:  # gil_dump is off by default
-        run(loop_kind, lambda: _in_callback(regex_hold))
+def test_without_captures_cpu_clocks_still_tell_the_gil_causes_apart(loop_kind: str) -> None:
+    with loopguard.watch(threshold=THRESHOLD, gil_dump=False) as wd:
+        run(loop_kind, lambda: _in_callback(regex_hold, 24))
         run(loop_kind, _gil_hog)
         stalls = collect(wd)
     assert [s.cause for s in stalls] == ["c-held-gil", "gil"]
     assert stalls[0].culprit is None and stalls[0].loop_cpu is not None
+    assert stalls[0].capture_error is not None and "off" in stalls[0].capture_error
     assert stalls[1].hog is not None and stalls[1].hog.thread == "hog-worker"
-    assert faulthandler.dump_traceback_later is _original_arm  # never touched
-
-
-def test_a_foreign_timer_seen_by_an_earlier_watchdog_does_not_disable_later_ones() -> None:
-    with tempfile.TemporaryFile() as theirs:
-        with loopguard.watch(threshold=THRESHOLD, gil_dump=True):
-            faulthandler.dump_traceback_later(60, file=theirs)
-        faulthandler.cancel_dump_traceback_later()  # after the watchdog stopped
-    with loopguard.watch(threshold=THRESHOLD, gil_dump=True) as wd:
-        run("asyncio", lambda: _in_callback(regex_hold))
-        stalls = collect(wd)
-    assert [s.cause for s in stalls] == ["c-held-gil"]
-    assert stalls[0].culprit is not None
-
-
-def test_gil_dump_warns_once_per_process(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import loopguard._watchdog.watchdog as watchdog_module
-
-    monkeypatch.setattr(watchdog_module, "_gil_dump_warned", False)
-    with caplog.at_level(logging.WARNING, logger="loopguard"):
-        with loopguard.watch(log=False):
-            pass
-        assert caplog.records == []  # not without the dump
-        for _ in range(2):
-            with loopguard.watch(gil_dump=True, log=False):
-                pass
-    warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1
-    assert "gil_dump" in warnings[0] and "crash" in warnings[0]
-
-
-def test_a_dump_read_before_start_is_never_used_for_a_new_stall(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from loopguard._watchdog.watchdog import _DUMP
-
-    # As if an earlier watchdog's dump (a GIL hog of another test) had been read.
-    stale = {1: (Frame("old.py", 1, "old_hog"),)}
-    monkeypatch.setattr(_DUMP, "latest", stale)
-    monkeypatch.setattr(_DUMP, "seq", _DUMP.seq + 1)
-    with loopguard.watch(threshold=THRESHOLD) as wd:
-        asyncio.run(asyncio.sleep(0.3))  # a loop to watch: several sampler passes
-        assert wd._dump is None
 
 
 class _Node:
