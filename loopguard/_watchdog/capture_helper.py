@@ -51,6 +51,15 @@ def _reduce(raw: bytes) -> list[list[object]]:
     return threads
 
 
+def _error_of(stderr: bytes) -> str:
+    """py-spy's message and its operating-system cause, without the backtrace."""
+    lines = [line.strip() for line in stderr.decode("utf-8", "replace").splitlines()]
+    lines = [line for line in lines if line]
+    head = next((line for line in lines if line.startswith("Error:")), lines[0] if lines else "")
+    cause = next((line.split(":", 1)[-1].strip() for line in lines if "os error" in line), "")
+    return f"{head} ({cause})" if cause and cause not in head else head
+
+
 def _dump(pid: int, py_spy: str) -> dict[str, object]:
     start = time.monotonic()
     _emit({"start": start})
@@ -73,8 +82,7 @@ def _dump(pid: int, py_spy: str) -> dict[str, object]:
             except (ValueError, KeyError, TypeError) as exc:
                 error = f"py-spy output was not understood: {exc}"
                 continue
-        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        error = lines[-1] if lines else f"py-spy exited with status {done.returncode}"
+        error = _error_of(done.stderr) or f"py-spy exited with status {done.returncode}"
         if "denied" in error or "not permitted" in error:
             break
     return {"start": start, "error": error}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures.thread
+import importlib
 import itertools
 import json
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -338,3 +340,162 @@ def test_stall_with_a_short_collection_keeps_its_cause() -> None:
         stalls = list(wd.stalls)
     assert [s.cause for s in stalls] == ["blocked"]
     assert stalls[0].culprit is not None and stalls[0].culprit.line in SPIN_LINES
+
+
+_SELECT = (Frame(sys.modules["selectors"].__file__ or "", 1, "EpollSelector.select"),)
+_RUN = Frame(asyncio.events.__file__, 80, "Handle._run")
+
+
+def test_busy_machine_late_sampler_wakes_keep_the_samples() -> None:
+    """The OS kept the sampler off the CPU now and then: what it sampled still counts."""
+    folder = StackFolder()
+    for _ in range(3):  # three samples in a json.loads loop, between short late wakes
+        folder.add((_RUN, Frame("/app/score.py", 12, "score_documents")))
+    found = diagnose(
+        loop_ident=1,
+        duration=0.3,
+        folder=folder,
+        before=CpuSnapshot(0.0, {1: 0.0}, {1: "Main"}),
+        after=CpuSnapshot(0.3, {1: 0.2}, {1: "Main"}),
+        dump=None,
+        others=None,
+        max_gap=0.08,  # several wakes late by up to 80 ms, none over half the stall
+    )
+    assert (found.cause, found.culprit) == (
+        "blocked",
+        Frame("/app/score.py", 12, "score_documents"),
+    )
+
+
+def test_sampler_shut_out_by_the_loop_trusts_the_capture_over_a_later_sample() -> None:
+    later = StackFolder()
+    later.add((_RUN, Frame("/app/h.py", 9, "handler")))  # where the loop went next
+    held = (_RUN, Frame("/app/h.py", 8, "handler"))
+    dump = Dump(0.1, 0.12, {1: held, 2: ()}, {1: "Main", 2: "loopguard-sampler"}, 1)
+    found = diagnose(
+        loop_ident=1,
+        duration=0.8,
+        folder=later,
+        before=None,
+        after=None,
+        dump=dump,
+        others=None,
+        max_gap=0.75,
+    )
+    assert (found.cause, found.culprit) == ("c-held-gil", Frame("/app/h.py", 8, "handler"))
+
+
+def test_mixed_c_and_python_work_is_blocked_even_if_a_capture_saw_it_in_c() -> None:
+    folder = StackFolder()
+    for _ in range(5):
+        folder.add((_RUN, Frame("/app/score.py", 12, "score_documents")))
+    held = (_RUN, Frame("/app/score.py", 11, "score_documents"))  # inside json.loads
+    found = diagnose(
+        loop_ident=1,
+        duration=0.5,
+        folder=folder,
+        before=None,
+        after=None,
+        dump=Dump(0.1, 0.12, {1: held}, {1: "Main"}, 1),
+        others=None,
+        max_gap=0.06,
+    )
+    assert found.cause == "blocked"
+    assert found.culprit is not None and found.culprit.function == "score_documents"
+
+
+def test_idle_loop_with_no_thread_on_the_cpu_is_the_scheduler_not_a_gil_hog() -> None:
+    idle = StackFolder()
+    idle.add(_SELECT)
+    found = diagnose(
+        loop_ident=1,
+        duration=0.1,
+        folder=idle,
+        before=CpuSnapshot(0.0, {1: 0.0, 2: 0.0}, {1: "Main", 2: "pool_0"}),
+        after=CpuSnapshot(0.1, {1: 0.001, 2: 0.0}, {1: "Main", 2: "pool_0"}),
+        dump=None,
+        others={2: (Frame(concurrent.futures.thread.__file__, 81, "_worker"),)},
+    )
+    assert (found.cause, found.hog) == ("scheduler", None)
+
+
+def test_capture_names_a_hog_that_exited_before_the_stall_ended() -> None:
+    idle = StackFolder()
+    idle.add(_SELECT)
+    hog = (Frame("/app/jobs.py", 50, "crunch"),)
+    found = diagnose(
+        loop_ident=1,
+        duration=0.6,
+        folder=idle,
+        before=CpuSnapshot(0.0, {1: 0.0, 3: 0.0}, {1: "Main", 3: "cruncher"}),
+        after=CpuSnapshot(0.6, {1: 0.0}, {1: "Main"}),  # it has exited
+        dump=Dump(0.2, 0.25, {1: _SELECT, 3: hog}, {1: "Main", 3: "cruncher"}, 3),
+        others=None,
+        max_gap=0.55,
+    )
+    assert found.cause == "gil"
+    assert found.hog is not None and found.hog.thread == "cruncher"
+    assert found.culprit == hog[0]
+
+
+def _busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def _score(payload: str, seconds: float) -> float:
+    total = 0.0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for doc in json.loads(payload)[:200]:  # MARK:json
+            total += len(doc["tags"]) * doc["score"]
+    return total
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_mixed_json_work_is_named_on_a_busy_machine(loop_kind: str) -> None:
+    payload = json.dumps([{"tags": ["x"] * 20, "score": i / 7} for i in range(4000)])
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    hogs = [ctx.Process(target=_busy, args=(30.0,), daemon=True) for _ in range(2)]
+    for p in hogs:
+        p.start()
+    try:
+        with loopguard.watch(threshold=THRESHOLD, log=False) as wd:
+            for _ in range(3):
+                run(loop_kind, lambda: _in_callback(_score, payload, 0.4))
+            stalls = collect(wd)
+    finally:
+        for p in hogs:
+            p.kill()
+            p.join()
+    named = [s for s in stalls if s.duration >= 0.3]
+    assert named, stalls
+    for stall in named:
+        assert stall.cause == "blocked", stall
+        assert stall.culprit is not None and stall.culprit.function == "_score", stall.culprit
+
+
+def test_module_code_run_inside_the_loop_is_an_import_stall(tmp_path: Path) -> None:
+    (tmp_path / "slow_app.py").write_text("import time\ntime.sleep(0.3)\nAPP = 1\n")
+    sys.path.insert(0, str(tmp_path))
+
+    async def serve() -> None:  # as uvicorn does: the app is imported by the running loop
+        await asyncio.sleep(0.05)
+        importlib.import_module("slow_app")
+        await asyncio.sleep(0.05)
+
+    try:
+        with loopguard.watch(threshold=THRESHOLD, log=False) as wd:
+            asyncio.run(serve())
+            stalls = collect(wd)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("slow_app", None)
+    stall = max(stalls, key=lambda s: s.duration)
+    assert stall.cause == "import"
+    assert stall.culprit == Frame(str(tmp_path / "slow_app.py"), 2, "<module>")
+    assert wd.summary.rows() == []  # kept apart from user stalls
+    assert [r.culprit for r in wd.summary.startup_rows()] == [stall.culprit]
