@@ -176,6 +176,7 @@ def diagnose(
     others: dict[int, tuple[Frame, ...]] | None,
     exclude: frozenset[int] = frozenset(),
     max_gap: float = 0.0,
+    after_gap: int = 0,
 ) -> Diagnosis:
     """Decide a stall's cause and culprit from samples, CPU clocks and a capture.
 
@@ -203,7 +204,9 @@ def diagnose(
         dump: A capture taken while the sampler was starved during the stall.
         others: Stacks of the other threads at the last sample, if any.
         exclude: Thread idents never to blame (loopguard's own threads).
-        max_gap: The longest time the sampler went without running during the stall.
+        max_gap: The longest time the sampler went without running during the stall
+            while the loop thread used the CPU (it held the GIL).
+        after_gap: How many samples were taken right after such a gap.
 
     Returns:
         The diagnosis.
@@ -215,7 +218,11 @@ def diagnose(
     sampled = folder is not None and folder.total > 0
     top = folder.top() if folder is not None and sampled else ()
     in_callback = sampled and not is_idle(top)
-    shut_out = max_gap >= _STARVED_SHARE * duration or not in_callback
+    # The sampler was shut out by the loop thread: for most of the stall, or it got in
+    # only once, at the end (a single C call ending, not C calls between Python work).
+    lone = folder is not None and folder.total == 1 and after_gap == 1
+    starved = max_gap >= _STARVED_SHARE * duration or lone
+    shut_out = starved or not in_callback
     stacks = folder.folded() if folder is not None and sampled else ()
 
     # 1. Direct evidence: who held the GIL while the sampler was shut out.
@@ -238,7 +245,7 @@ def diagnose(
 
     # 2. Samples of the loop thread, unless the sampler was shut out for most of the stall
     #    (then they show where the loop went next, not what held it).
-    if sampled and not (max_gap >= _STARVED_SHARE * duration and in_callback):
+    if sampled and not (starved and in_callback):
         if in_callback:
             culprit = culprit_of(callback_frames(top)) or culprit_of(top)
             return Diagnosis("blocked", culprit, stacks, None, loop_cpu)
@@ -291,11 +298,17 @@ def _waiting_loop(
         hog_ident = None  # an idle thread (a pool worker waiting for work) held nothing
     views = others or {}
     if hog_ident is None:
-        # The hog may have exited: a thread seen busy (not waiting) in the last sample...
+        # The hog may have exited: a thread seen busy (not waiting) in the last sample
+        # and gone since (a live one was judged by its CPU clock above)...
+        alive = after.cpu if after is not None and deltas else {}
         busy = [
             i
             for i, frames in views.items()
-            if i != loop_ident and i not in exclude and frames and not _waiting(frames)
+            if i != loop_ident
+            and i not in exclude
+            and i not in alive
+            and frames
+            and not _waiting(frames)
         ]
         # ...or alive before the stall and gone after it.
         hog_ident = next(iter(busy or _gone(before, after, exclude | {loop_ident})), None)

@@ -130,6 +130,7 @@ class Ongoing:
     """A stall the sampler is watching while it lasts."""
 
     __slots__ = (
+        "after_gap",
         "attributes",
         "before",
         "folder",
@@ -148,6 +149,7 @@ class Ongoing:
         self.task: str | None = None
         self.attributes: dict[str, str] = {}
         self.max_gap = 0.0  # the longest the sampler went without running, seconds
+        self.after_gap = 0  # samples taken right after such a gap (the loop held the GIL)
         self.tasks: dict[str, None] = {}  # tasks seen running, in order (bounded)
 
     def saw(self, task: str | None) -> None:

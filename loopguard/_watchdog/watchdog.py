@@ -527,10 +527,13 @@ class Watchdog:
         # A late wake is a gap in the samples; the longest one tells a sampler shut out
         # by a GIL holder (one gap over most of the stall) from one the OS kept off a
         # CPU now and then (short gaps; the samples it took still say what ran).
-        ongoing.max_gap = max(ongoing.max_gap, late)
+        held = bool(late) and _held_through(self._snapshot, snapshot)
+        if held:
+            ongoing.max_gap = max(ongoing.max_gap, late)
         stack, others = sample_threads(watch.thread_id)
         if stack:
             ongoing.folder.add(stack)
+            ongoing.after_gap += held
             if not is_idle(stack):
                 ongoing.saw(_task_name(watch.running_task()))
         if others is not None:
@@ -573,6 +576,7 @@ class Watchdog:
             exclude=own,
             # A stall the sampler never saw begin was a gap of the sampler's as long.
             max_gap=ongoing.max_gap if ongoing is not None else duration,
+            after_gap=ongoing.after_gap if ongoing is not None else 0,
         )
         cause, culprit = found.cause, found.culprit
         top = found.stacks[0].frames if found.stacks else ()
@@ -588,13 +592,7 @@ class Watchdog:
         tasks = tuple(ongoing.tasks) if ongoing is not None else ()
         missing = None
         if culprit is None and cause in ("c-held-gil", "gil", "unknown"):
-            missing = (
-                captured
-                if isinstance(captured, str)
-                else "no capture was read during the stall"
-                if self.config.gil_dump
-                else "captures are off (gil_dump=False)"
-            )
+            missing = _why_no_line(captured, self.config.gil_dump)
         stall = Stall(
             started_at=time.time() - (_monotonic() - end) - duration,
             duration=round(duration, 6),
@@ -632,6 +630,40 @@ class Watchdog:
             watch.ongoing = None
         if self.running and self._watches:
             self._ensure_thread()
+
+
+# A thread running Python hands the GIL to a waiting sampler within one switch interval
+# of CPU time, then waits for it; one that used more CPU than a few intervals (and a
+# tenth of the gap: a loaded machine gives a C call 20 % of a core) held it in C.
+_HELD_CPU_SHARE = 0.1
+
+
+def _held_through(before: CpuSnapshot | None, after: CpuSnapshot | None) -> bool:
+    """Whether some thread computed through the sampler's gap (so it held the GIL).
+
+    On a busy machine the OS may take the CPU from a loop thread that runs Python while
+    it holds the GIL: the sampler then waits too, but no thread's CPU clock moves.
+    Without clocks, every gap counts.
+    """
+    if before is None or after is None:
+        return True
+    bar = max(4 * sys.getswitchinterval(), _HELD_CPU_SHARE * (after.at - before.at))
+    return any(  # a thread started during the gap used all its CPU within it
+        cpu - before.cpu.get(i, 0.0) >= bar
+        for i, cpu in after.cpu.items()
+        if not after.names.get(i, "").startswith("loopguard-")
+    )
+
+
+def _why_no_line(captured: Dump | str | None, enabled: bool) -> str:
+    """Why a stall that needed a capture has no line, in words for the user."""
+    if not enabled:
+        return "captures are off (gil_dump=False)"
+    if isinstance(captured, str):
+        return captured
+    if captured is not None:
+        return "the capture was read after the stall had ended (a loaded machine delays it)"
+    return "the stall ended before a capture could be taken"
 
 
 def _task_name(task: object) -> str | None:

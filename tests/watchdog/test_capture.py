@@ -81,8 +81,9 @@ def _two_regex_stalls(caplog: pytest.LogCaptureFixture) -> list[Stall]:
     ):
         asyncio.run(_regex_in_callback())
         asyncio.run(_regex_in_callback())
-        stalls = _stalls(wd)
-    assert [s.cause for s in stalls] == ["c-held-gil", "c-held-gil"]
+        # A loaded machine may add short stalls of its own: keep the two regex ones.
+        stalls = [s for s in _stalls(wd) if s.duration >= 0.25]
+    assert [s.cause for s in stalls] == ["c-held-gil", "c-held-gil"], stalls
     assert all(s.culprit is None for s in stalls)
     return stalls
 

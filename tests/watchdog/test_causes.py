@@ -499,3 +499,22 @@ def test_module_code_run_inside_the_loop_is_an_import_stall(tmp_path: Path) -> N
     assert stall.culprit == Frame(str(tmp_path / "slow_app.py"), 2, "<module>")
     assert wd.summary.rows() == []  # kept apart from user stalls
     assert [r.culprit for r in wd.summary.startup_rows()] == [stall.culprit]
+
+
+def test_a_lone_sample_after_a_short_c_stall_is_not_taken_for_python_work() -> None:
+    """A 150 ms regex: the sampler slept 100 ms of it, was shut out, sampled once at the end."""
+    once = StackFolder()
+    once.add((_RUN, Frame("/app/v.py", 4, "validate")))
+    held = (_RUN, Frame("/app/v.py", 4, "validate"))
+    found = diagnose(
+        loop_ident=1,
+        duration=0.15,
+        folder=once,
+        before=None,
+        after=None,
+        dump=Dump(0.1, 0.12, {1: held}, {1: "Main"}, 1),
+        others=None,
+        max_gap=0.05,  # a third of the stall
+        after_gap=1,
+    )
+    assert (found.cause, found.culprit) == ("c-held-gil", Frame("/app/v.py", 4, "validate"))
