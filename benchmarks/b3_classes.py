@@ -237,7 +237,7 @@ def _named(kind: str, stall: Any) -> bool:
 
 
 async def _scenario(
-    wd: Any, cells: list[tuple[str, float]], control: float, churn: bool
+    wd: Any, cells: list[tuple[str, float]], control: float, churn: bool, gap: float = GAP
 ) -> dict[str, Any]:
     await asyncio.sleep(0.3)
     wd.flush(2.0)
@@ -255,7 +255,7 @@ async def _scenario(
             wd.flush(3.0)
         seen = len(wd.stalls)
         started, ended = await _inject(kind, length, picks.get(length, 0), heap)
-        await _churn(GAP) if churn else await asyncio.sleep(GAP)
+        await _churn(gap) if churn else await asyncio.sleep(gap)
         wd.flush(3.0)
         stalls = wd.stalls[seen:]
         if heap:
@@ -285,6 +285,7 @@ def child_main(argv: Sequence[str]) -> int:
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--control", type=float, default=3.0)
     parser.add_argument("--seed", default="0")
+    parser.add_argument("--gap", type=float, default=GAP)
     args = parser.parse_args(argv)
     lengths = [float(x) for x in args.lengths.split(",")]
     cells = [(k, x) for k in CLASSES for x in lengths] * args.reps
@@ -292,7 +293,7 @@ def child_main(argv: Sequence[str]) -> int:
     import loopguard
 
     wd = loopguard.install(log=False, record=100_000)  # default options otherwise
-    main = _scenario(wd, cells, args.control, churn=True)
+    main = _scenario(wd, cells, args.control, churn=True, gap=args.gap)
     if args.loop == "uvloop":
         import uvloop
 
@@ -314,7 +315,9 @@ def _burners(n: int) -> list[subprocess.Popen[bytes]]:
 _CRASH_WORDS = ("Segmentation fault", "SIGSEGV", "Fatal Python error", "can crash")
 
 
-def run_child(loop: str, lengths: str, reps: int, control: float, busy: bool) -> dict[str, Any]:
+def run_child(
+    loop: str, lengths: str, reps: int, control: float, busy: bool, gap: float = GAP
+) -> dict[str, Any]:
     burners = _burners(2) if busy else []
     try:
         done = subprocess.run(
@@ -326,6 +329,7 @@ def run_child(loop: str, lengths: str, reps: int, control: float, busy: bool) ->
                 f"--lengths={lengths}",
                 f"--reps={reps}",
                 f"--control={control:g}",
+                f"--gap={gap:g}",
             ],
             capture_output=True,
             text=True,
