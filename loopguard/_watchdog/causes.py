@@ -160,6 +160,9 @@ def _hog(
 
 # A sampler gap this share of a stall long means the sampler could not get the GIL.
 _STARVED_SHARE = 0.5
+# A loop thread that waited for a CPU this share of a stall, and computed too little
+# to hold the loop by itself (``little_work``), was held by the operating system.
+_QUEUED_SHARE = 0.5
 
 
 # diagnose() is longer than the other functions on purpose: it is the decision table of
@@ -177,6 +180,8 @@ def diagnose(
     exclude: frozenset[int] = frozenset(),
     max_gap: float = 0.0,
     after_gap: int = 0,
+    queued: float | None = None,
+    little_work: float = 0.0,
 ) -> Diagnosis:
     """Decide a stall's cause and culprit from samples, CPU clocks and a capture.
 
@@ -186,7 +191,9 @@ def diagnose(
       sampler did get in between (mixed C and Python work): ``blocked``, from samples.
     * A capture that saw another thread hold the GIL, the same way: ``gil``; the hog
       and its line from the capture (also for a thread that has exited since).
-    * Samples that show the loop in a callback: ``blocked``; culprit from samples.
+    * Samples that show the loop in a callback: ``blocked``; culprit from samples. But
+      if the loop thread computed little and waited for a CPU most of the stall:
+      ``scheduler`` (the line is kept: where the operating system stopped it).
     * Samples that show the loop idle in ``select()``: ``gil`` if another thread
       burned CPU (the hog, its stack from the last sample of all threads when one was
       taken); else ``scheduler``: no thread held the GIL, the operating system did
@@ -207,6 +214,10 @@ def diagnose(
         max_gap: The longest time the sampler went without running during the stall
             while the loop thread used the CPU (it held the GIL).
         after_gap: How many samples were taken right after such a gap.
+        queued: Share of the stall the loop thread spent runnable but waiting for a
+            CPU (Linux), when known.
+        little_work: CPU seconds of the loop thread below which a stall it mostly
+            spent waiting for a CPU is the scheduler's: that work alone holds no loop.
 
     Returns:
         The diagnosis.
@@ -248,6 +259,14 @@ def diagnose(
     if sampled and not (starved and in_callback):
         if in_callback:
             culprit = culprit_of(callback_frames(top)) or culprit_of(top)
+            if (
+                queued is not None
+                and queued >= _QUEUED_SHARE
+                and deltas.get(loop_ident, little_work) < little_work
+            ):
+                # Little work, and the loop thread waited for a CPU most of the stall:
+                # with a free core there would have been no stall. The line is kept.
+                return Diagnosis("scheduler", culprit, stacks, None, loop_cpu)
             return Diagnosis("blocked", culprit, stacks, None, loop_cpu)
         return _waiting_loop(
             loop_ident, duration, stacks, before, after, deltas, others, exclude, loop_cpu

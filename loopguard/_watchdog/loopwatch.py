@@ -26,7 +26,7 @@ from .summary import DelayHistogram
 if TYPE_CHECKING:
     from .watchdog import Watchdog
 
-__all__ = ["LoopWatch", "Ongoing", "trio_beat"]
+__all__ = ["LoopWatch", "Ongoing", "run_queue_wait", "trio_beat"]
 
 _monotonic = time.monotonic
 #: Task names kept per stall (``Stall.tasks``).
@@ -45,6 +45,7 @@ class LoopWatch:
         "kind",
         "last_tick",
         "loop",
+        "native_id",
         "ongoing",
         "pending",
         "period",
@@ -62,6 +63,7 @@ class LoopWatch:
         self.period = wd.config.period
         self.threshold = wd.config.threshold
         self.thread_id = threading.get_ident()
+        self.native_id = threading.get_native_id()
         self.thread_name = threading.current_thread().name
         self.last_tick = _monotonic()
         self.pending: list[tuple[float, float]] = []  # (end, gap) of long gaps, loop-written
@@ -126,6 +128,15 @@ async def trio_beat(watch: LoopWatch) -> None:
                 watch.stats.trio_stats = trio.lowlevel.current_statistics()
 
 
+def run_queue_wait(native_id: int) -> float | None:
+    """Seconds the thread has spent runnable but waiting for a CPU (Linux schedstat)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/schedstat", "rb") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Ongoing:
     """A stall the sampler is watching while it lasts."""
 
@@ -136,6 +147,7 @@ class Ongoing:
         "folder",
         "max_gap",
         "others",
+        "queued",
         "task",
         "tasks",
         "tick",
@@ -150,6 +162,7 @@ class Ongoing:
         self.attributes: dict[str, str] = {}
         self.max_gap = 0.0  # the longest the sampler went without running, seconds
         self.after_gap = 0  # samples taken right after such a gap (the loop held the GIL)
+        self.queued: tuple[float, float] | None = None  # (when, run-queue wait) at start
         self.tasks: dict[str, None] = {}  # tasks seen running, in order (bounded)
 
     def saw(self, task: str | None) -> None:

@@ -42,7 +42,7 @@ from .config import Config
 from .gcwatch import GC
 from .loopmetrics import observe_stats, retire_stats
 from .loopstats import LoopStatsSnapshot
-from .loopwatch import LoopWatch, Ongoing, trio_beat
+from .loopwatch import LoopWatch, Ongoing, run_queue_wait, trio_beat
 from .precise import TIMER
 from .registry import running
 from .sampling import sample_threads
@@ -523,6 +523,9 @@ class Watchdog:
             watch.ongoing.task = watch.ongoing.attributes.get("task.name")
             watch.ongoing.saw(watch.ongoing.task)
             del task
+            waited = run_queue_wait(watch.native_id)
+            if waited is not None:
+                watch.ongoing.queued = (now, waited)
         ongoing = watch.ongoing
         # A late wake is a gap in the samples; the longest one tells a sampler shut out
         # by a GIL holder (one gap over most of the stall) from one the OS kept off a
@@ -577,6 +580,8 @@ class Watchdog:
             # A stall the sampler never saw begin was a gap of the sampler's as long.
             max_gap=ongoing.max_gap if ongoing is not None else duration,
             after_gap=ongoing.after_gap if ongoing is not None else 0,
+            queued=_queued_share(watch, ongoing, end),
+            little_work=watch.threshold / 4,
         )
         cause, culprit = found.cause, found.culprit
         top = found.stacks[0].frames if found.stacks else ()
@@ -633,9 +638,10 @@ class Watchdog:
 
 
 # A thread running Python hands the GIL to a waiting sampler within one switch interval
-# of CPU time, then waits for it; one that used more CPU than a few intervals (and a
-# tenth of the gap: a loaded machine gives a C call 20 % of a core) held it in C.
-_HELD_CPU_SHARE = 0.1
+# of CPU time, then waits for it; one that used more than two intervals (and a twentieth
+# of the gap: a machine with six runnable threads per core gives a C call that much)
+# held it in C.
+_HELD_CPU_SHARE = 0.05
 
 
 def _held_through(before: CpuSnapshot | None, after: CpuSnapshot | None) -> bool:
@@ -647,12 +653,24 @@ def _held_through(before: CpuSnapshot | None, after: CpuSnapshot | None) -> bool
     """
     if before is None or after is None:
         return True
-    bar = max(4 * sys.getswitchinterval(), _HELD_CPU_SHARE * (after.at - before.at))
+    bar = max(2 * sys.getswitchinterval(), _HELD_CPU_SHARE * (after.at - before.at))
     return any(  # a thread started during the gap used all its CPU within it
         cpu - before.cpu.get(i, 0.0) >= bar
         for i, cpu in after.cpu.items()
         if not after.names.get(i, "").startswith("loopguard-")
     )
+
+
+def _queued_share(watch: LoopWatch, ongoing: Ongoing | None, end: float) -> float | None:
+    """Share of the watched part of a stall the loop thread spent waiting for a CPU."""
+    if ongoing is None or ongoing.queued is None:
+        return None
+    since, waited = ongoing.queued
+    now = run_queue_wait(watch.native_id)
+    span = end - since
+    if now is None or span <= 0:
+        return None
+    return min(1.0, (now - waited) / span)
 
 
 def _why_no_line(captured: Dump | str | None, enabled: bool) -> str:

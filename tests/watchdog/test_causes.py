@@ -444,13 +444,24 @@ def _busy(seconds: float) -> None:
         pass
 
 
-def _score(payload: str, seconds: float) -> float:
+def _score(payload: str, rounds: int) -> float:
     total = 0.0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    for _ in range(rounds):  # a fixed amount of work, as a request handler has
         for doc in json.loads(payload)[:200]:  # MARK:json
             total += len(doc["tags"]) * doc["score"]
     return total
+
+
+def _rounds_for(payload: str, cpu_seconds: float) -> int:
+    """Rounds of ``_score`` that take ``cpu_seconds`` of CPU (not wall) time here."""
+    rounds = 1
+    while rounds < 1 << 16:
+        started = time.thread_time()
+        _score(payload, rounds)
+        if time.thread_time() - started >= cpu_seconds / 4:
+            return rounds * 4
+        rounds *= 2
+    return rounds
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
@@ -463,9 +474,10 @@ def test_mixed_json_work_is_named_on_a_busy_machine(loop_kind: str) -> None:
     for p in hogs:
         p.start()
     try:
+        rounds = _rounds_for(payload, 0.3)
         with loopguard.watch(threshold=THRESHOLD, log=False) as wd:
             for _ in range(3):
-                run(loop_kind, lambda: _in_callback(_score, payload, 0.4))
+                run(loop_kind, lambda: _in_callback(_score, payload, rounds))
             stalls = collect(wd)
     finally:
         for p in hogs:
@@ -518,3 +530,31 @@ def test_a_lone_sample_after_a_short_c_stall_is_not_taken_for_python_work() -> N
         after_gap=1,
     )
     assert (found.cause, found.culprit) == ("c-held-gil", Frame("/app/v.py", 4, "validate"))
+
+
+def test_little_work_held_by_the_run_queue_is_the_scheduler() -> None:
+    """A callback preempted by the OS: 5 ms of work, most of the stall waiting for a CPU."""
+    folder = StackFolder()
+    for _ in range(4):
+        folder.add((_RUN, Frame("/app/t.py", 19, "test_fine")))
+
+    def case(cpu: float, queued: float) -> Any:
+        return diagnose(
+            loop_ident=1,
+            duration=0.185,
+            folder=folder,
+            before=CpuSnapshot(0.0, {1: 0.0}, {1: "Main"}),
+            after=CpuSnapshot(0.2, {1: cpu}, {1: "Main"}),
+            dump=None,
+            others=None,
+            queued=queued,
+            little_work=0.025,
+        )
+
+    preempted = case(0.005, 0.8)
+    assert (preempted.cause, preempted.culprit) == (
+        "scheduler",
+        Frame("/app/t.py", 19, "test_fine"),
+    )
+    assert case(0.005, 0.02).cause == "blocked"  # time.sleep: not runnable, so not queued
+    assert case(0.06, 0.6).cause == "blocked"  # real work, slowed by a busy machine
