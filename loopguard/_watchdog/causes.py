@@ -162,7 +162,7 @@ def _hog(
 _STARVED_SHARE = 0.5
 # A loop thread that waited for a CPU this share of a stall, and computed too little
 # to hold the loop by itself (``little_work``), was held by the operating system.
-_QUEUED_SHARE = 0.5
+_QUEUED_SHARE = 0.75
 
 
 # diagnose() is longer than the other functions on purpose: it is the decision table of
@@ -240,7 +240,9 @@ def diagnose(
     if dump is not None and shut_out:
         holder = dump.gil if dump.gil not in exclude else None
         held = dump.stacks.get(loop_ident, ())
-        if holder == loop_ident and held and not is_idle(held):
+        # A loop thread that hardly ran held the GIL only because the OS had paused it.
+        computed = deltas.get(loop_ident, little_work) >= little_work / 2
+        if holder == loop_ident and held and not is_idle(held) and computed:
             culprit = culprit_of(callback_frames(held)) or culprit_of(held)
             return Diagnosis(
                 "c-held-gil", culprit, stacks or (StackSample(1, held),), None, loop_cpu
@@ -248,7 +250,7 @@ def diagnose(
         if holder is not None and holder != loop_ident:
             hog, culprit = _hog(holder, dump.stacks.get(holder, ()), dump.names.get(holder), deltas)
             return Diagnosis("gil", culprit, stacks or (StackSample(1, held),), hog, loop_cpu)
-        if holder is None and held and not is_idle(held) and not in_callback:
+        if holder is None and held and not is_idle(held) and not in_callback and computed:
             # The capture could not tell who held the GIL: the loop was not waiting
             # for events, and nothing ran Python meanwhile: it was in C.
             culprit = culprit_of(callback_frames(held)) or culprit_of(held)

@@ -581,7 +581,7 @@ class Watchdog:
             max_gap=ongoing.max_gap if ongoing is not None else duration,
             after_gap=ongoing.after_gap if ongoing is not None else 0,
             queued=_queued_share(watch, ongoing, end),
-            little_work=watch.threshold / 4,
+            little_work=watch.threshold / 10,
         )
         cause, culprit = found.cause, found.culprit
         top = found.stacks[0].frames if found.stacks else ()

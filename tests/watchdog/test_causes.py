@@ -509,7 +509,8 @@ def test_module_code_run_inside_the_loop_is_an_import_stall(tmp_path: Path) -> N
     stall = max(stalls, key=lambda s: s.duration)
     assert stall.cause == "import"
     assert stall.culprit == Frame(str(tmp_path / "slow_app.py"), 2, "<module>")
-    assert wd.summary.rows() == []  # kept apart from user stalls
+    # Kept apart from user stalls (a loaded machine may add stalls of its own there).
+    assert stall.culprit not in [r.culprit for r in wd.summary.rows()]
     assert [r.culprit for r in wd.summary.startup_rows()] == [stall.culprit]
 
 
@@ -548,7 +549,7 @@ def test_little_work_held_by_the_run_queue_is_the_scheduler() -> None:
             dump=None,
             others=None,
             queued=queued,
-            little_work=0.025,
+            little_work=0.01,
         )
 
     preempted = case(0.005, 0.8)
@@ -557,4 +558,4 @@ def test_little_work_held_by_the_run_queue_is_the_scheduler() -> None:
         Frame("/app/t.py", 19, "test_fine"),
     )
     assert case(0.005, 0.02).cause == "blocked"  # time.sleep: not runnable, so not queued
-    assert case(0.06, 0.6).cause == "blocked"  # real work, slowed by a busy machine
+    assert case(0.03, 0.9).cause == "blocked"  # real work, slowed by a busy machine
