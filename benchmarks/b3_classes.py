@@ -9,6 +9,9 @@ stall it tells apart:
 * ``python``: a pure-Python loop on the loop: ``blocked``, the line.
 * ``mixed``: a loop over ``json.loads`` (C that holds the GIL, between stretches of
   Python): ``blocked``, the function.
+
+``python`` and ``mixed`` do a fixed amount of work (calibrated in CPU time to the
+length), as a handler does: on a loaded machine they last longer.
 * ``regex``: a catastrophic regex on the loop (C holding the GIL): ``c-held-gil``, the
   line that called it.
 * ``hog``: the same regex in a worker thread that exits as soon as it is done, while the
@@ -84,19 +87,35 @@ def blocking_sleep(seconds: float) -> None:
     time.sleep(seconds)  # B3C:sleep
 
 
-def python_spin(seconds: float) -> None:
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:  # B3C:python
-        pass  # B3C:python-body
+def python_spin(rounds: int) -> None:
+    n = 0
+    while n < rounds:  # B3C:python
+        n += 1  # B3C:python-body
 
 
-def json_scoring(seconds: float) -> float:
+def json_scoring(rounds: int) -> float:
     total = 0.0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    for _ in range(rounds):
         for doc in json.loads(PAYLOAD)[:100]:
             total += len(doc["tags"]) * doc["score"]
     return total
+
+
+def _rounds(fn: Any, cpu_seconds: float) -> int:
+    """Rounds of ``fn`` that take ``cpu_seconds`` of CPU time here.
+
+    A fixed amount of work, as a request handler has: on a loaded machine it takes
+    longer in wall time, and the stall is measured in wall time.
+    """
+    rounds = 1
+    while rounds < 1 << 30:
+        started = time.thread_time()
+        fn(rounds)
+        used = time.thread_time() - started
+        if used >= 0.02:
+            return max(1, int(rounds * cpu_seconds / used))
+        rounds *= 2
+    return rounds
 
 
 def regex_hold(subject: str) -> None:
@@ -211,9 +230,9 @@ async def _inject(kind: str, length: float, n: int, heap: list[Any]) -> tuple[fl
     if kind == "sleep":
         blocking_sleep(length)
     elif kind == "python":
-        python_spin(length)
+        python_spin(n)
     elif kind == "mixed":
-        json_scoring(length)
+        json_scoring(n)
     elif kind == "regex":
         regex_hold("a" * n + "!")
     else:
@@ -245,7 +264,10 @@ async def _scenario(
     await (_churn(control) if churn else asyncio.sleep(0))
     wd.flush(2.0)
     control_stalls = [f"{s.cause} {s.culprit}" for s in wd.stalls[before:]]
-    picks = {x: _regex_n(x) for x in {x for k, x in cells if k in ("regex", "hog")}}
+    lengths = {x for _, x in cells}
+    picks = {(k, x): _regex_n(x) for k in ("regex", "hog") for x in lengths}
+    picks |= {("python", x): _rounds(python_spin, x) for x in lengths}
+    picks |= {("mixed", x): _rounds(json_scoring, x) for x in lengths}
     rows = []
     for kind, length in cells:
         heap: list[Any] = []
@@ -254,7 +276,7 @@ async def _scenario(
             await asyncio.sleep(GAP)
             wd.flush(3.0)
         seen = len(wd.stalls)
-        started, ended = await _inject(kind, length, picks.get(length, 0), heap)
+        started, ended = await _inject(kind, length, picks.get((kind, length), 0), heap)
         await _churn(gap) if churn else await asyncio.sleep(gap)
         wd.flush(3.0)
         stalls = wd.stalls[seen:]
