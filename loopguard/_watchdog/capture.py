@@ -42,7 +42,7 @@ from pathlib import Path
 
 from ..events import Frame
 
-__all__ = ["CAPTURE", "Capture", "Dump", "find_py_spy"]
+__all__ = ["CAPTURE", "READ_LATE", "Capture", "Dump", "find_py_spy"]
 
 logger = logging.getLogger("loopguard")
 
@@ -51,6 +51,10 @@ _PR_SET_PTRACER = 0x59616D61
 # A helper that dies is restarted this many times per process, then left for dead.
 _RESTARTS = 3
 _KEEP = 16
+#: Said of a stall whose capture was read after the loop ran again.
+READ_LATE = "the capture was read after the stall had ended (a loaded machine delays it)"
+# How far past a stall's measured end a capture may finish and still be of the stall.
+_SLACK = 0.01
 
 
 class Dump:
@@ -305,9 +309,13 @@ class Capture:
             found = [
                 d for d in self._dumps if start <= (d.start if isinstance(d, Dump) else d[0]) <= end
             ]
-            dumps = [d for d in found if isinstance(d, Dump)]
+            # py-spy reads the stacks last, just before it ends: a capture that ended
+            # after the loop ran again shows where it went next, not what held it.
+            dumps = [d for d in found if isinstance(d, Dump) and d.end <= end + _SLACK]
             if dumps:
                 return next((d for d in dumps if d.gil is not None), dumps[0])
+            if any(isinstance(d, Dump) for d in found):
+                return READ_LATE
             if found:
                 return found[-1][1]  # type: ignore[index]
             return self.reason

@@ -36,7 +36,7 @@ from ..metrics import EVENTLOOP_SLOW_CALLBACKS, EVENTLOOP_STALL_DURATION, EVENTL
 from ..metrics import record as _record
 from ..sinks import CallbackSink, JsonLinesSink, LoggingSink, RecordingSink, Sink, SinkSet
 from . import registry
-from .capture import CAPTURE, Dump
+from .capture import CAPTURE, READ_LATE, Dump
 from .causes import CpuClocks, CpuSnapshot, diagnose, is_import
 from .config import Config
 from .gcwatch import GC
@@ -680,7 +680,7 @@ def _why_no_line(captured: Dump | str | None, enabled: bool) -> str:
     if isinstance(captured, str):
         return captured
     if captured is not None:
-        return "the capture was read after the stall had ended (a loaded machine delays it)"
+        return READ_LATE
     return "the stall ended before a capture could be taken"
 
 
