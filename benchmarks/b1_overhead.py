@@ -24,8 +24,8 @@ loopguard's modes, also in the default set: ``loopguard-precise`` (``precise=Tru
 every callback timed), ``loopguard-stats`` (``stats=True``: loop statistics),
 ``loopguard-otel`` and ``loopguard-otel-stats`` (the same with an OpenTelemetry SDK
 ``MeterProvider`` configured first, so the metrics are really aggregated), and
-``loopguard-dump`` (``gil_dump=True``: a faulthandler timer armed at each sampler
-wake). More configurations (``--configs``): ``loopguard-i50`` (interval 0.05 s),
+``loopguard-nocapture`` (``gil_dump=False``: no capture helper, to compare with the
+default, which has one). More configurations (``--configs``): ``loopguard-i50`` (interval 0.05 s),
 ``loopguard-t1`` (threshold 1 s, so the sampler wakes about once a second),
 ``timer`` (the 20 ms timer without a thread). Every configuration also
 exists as ``app+<name>``: the same, in a process that already has what a typical
@@ -109,9 +109,9 @@ CONFIGS: dict[str, ConfigSpec] = {
         "`LoopguardInstrumentor().instrument()` with SDK meter and logger providers and the "
         "Prometheus exporter (served on a loopback port), as `opentelemetry-instrument` does",
     ),
-    "loopguard-dump": ConfigSpec(
-        "loopguard gil_dump=True",
-        "`install(log=False, gil_dump=True)`: faulthandler timer armed at each sampler wake",
+    "loopguard-nocapture": ConfigSpec(
+        "loopguard gil_dump=False",
+        "`install(log=False, gil_dump=False)`: no capture helper (the default has one)",
     ),
     "asyncio-debug": ConfigSpec(
         "asyncio debug mode", "`loop.set_debug(True)`, slow_callback_duration 0.1 s", slow=True
@@ -147,7 +147,7 @@ DEFAULT_CONFIGS = (
     "loopguard-otel",
     "loopguard-otel-stats",
     "loopguard-instrumentor",
-    "loopguard-dump",
+    "loopguard-nocapture",
     "asyncio-debug",
     "aiodebug",
     "pyleak",
@@ -238,10 +238,10 @@ class Loopguard(Tool):
             "interval": self.wd.config.interval,
             "options": self.options,
         }
-        # Diagnostic only (private, may vanish): GIL-free stack dumps read so far.
-        dump = getattr(sys.modules.get("loopguard._watchdog.causes"), "DUMP", None)
-        if dump is not None and isinstance(getattr(dump, "seq", None), int):
-            facts["gil_dumps"] = dump.seq
+        # Diagnostic only (private, may vanish): captures the helper process took.
+        capture = getattr(sys.modules.get("loopguard._watchdog.capture"), "CAPTURE", None)
+        if capture is not None:
+            facts["captures"] = len(getattr(capture, "_dumps", ()))
         if self.reader is not None:  # proof the SDK pipeline really received data
             data = self.reader.get_metrics_data()
             facts["otel_metrics"] = sorted(
@@ -384,7 +384,7 @@ TOOLS: dict[str, Callable[[], Tool]] = {
     "loopguard-otel": lambda: Loopguard(otel=True),
     "loopguard-otel-stats": lambda: Loopguard(otel=True, stats=True),
     "loopguard-instrumentor": Instrumented,
-    "loopguard-dump": lambda: Loopguard(gil_dump=True),
+    "loopguard-nocapture": lambda: Loopguard(gil_dump=False),
     "loopguard-i50": lambda: Loopguard(interval=0.05),
     "loopguard-t1": lambda: Loopguard(threshold=1.0),
     "timer": lambda: IdleThread(thread=False, timer=True),

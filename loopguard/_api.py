@@ -47,7 +47,7 @@ def install(
     stats: bool = False,
     precise: bool = False,
     slow_callback: float | None = None,
-    gil_dump: bool = False,
+    gil_dump: bool = True,
     blocking: BlockingMode = "off",
     blocking_allow: Sequence[str | Allow] = (),
     full_stacks: bool = False,
@@ -77,9 +77,9 @@ def install(
             ``slow_callback`` (but shorter than ``threshold``) become
             ``SlowCallback`` events. uvloop and trio: noted once, watchdog only.
         slow_callback: Precise mode's report threshold (default ``threshold/2``).
-        gil_dump: Name the line of C code that holds the GIL through
-            faulthandler's GIL-free traceback dump. Off by default, a debugging
-            aid: it can crash the process (see :class:`~loopguard.Config`).
+        gil_dump: Name the line of C code that holds the GIL from a capture read
+            from outside the process (py-spy in a helper process; never pauses or
+            writes to the process). On by default; see :class:`~loopguard.Config`.
         blocking: Blocking-call guard for calls made on loop threads: ``"warn"``
             (log each with its stack and duration), ``"raise"`` (refuse it with
             ``BlockingCallError``), ``"record"`` (event only) or ``"off"``.
@@ -144,7 +144,7 @@ def watch(
     stats: bool = False,
     precise: bool = False,
     slow_callback: float | None = None,
-    gil_dump: bool = False,
+    gil_dump: bool = True,
     **unknown: NoReturn,
 ) -> Watchdog:
     """Return a new, independent watchdog to use as a context manager.
@@ -164,9 +164,9 @@ def watch(
         stats: Collect loop statistics (see :func:`install`).
         precise: Time every callback (see :func:`install`).
         slow_callback: Precise mode's report threshold (default ``threshold/2``).
-        gil_dump: Name the line of C code that holds the GIL through
-            faulthandler's GIL-free traceback dump. Off by default, a debugging
-            aid: it can crash the process (see :class:`~loopguard.Config`).
+        gil_dump: Name the line of C code that holds the GIL from a capture read
+            from outside the process (py-spy in a helper process; never pauses or
+            writes to the process). On by default; see :class:`~loopguard.Config`.
         **unknown: Any other :class:`~loopguard.Config` option (``blocking``,
             ``blocking_allow``...); a name that is not one raises ``ValueError``.
 

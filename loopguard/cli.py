@@ -137,7 +137,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("missing the command to run (loopguard run [OPTIONS] -- CMD [ARGS...])")
     env = dict(os.environ)
     given = {o.name: getattr(args, o.name) for o in env_options() if o.cli is not None}
-    given = {name: value for name, value in given.items() if value not in (None, False)}
+    given = {name: value for name, value in given.items() if value is not None}
     if "json" in given:
         path = Path(given["json"]).resolve()
         try:
@@ -151,8 +151,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except ValueError as exc:
         parser.error(f"{exc}")
     for name, value in given.items():
-        if value is True:
-            value = "1"
+        if isinstance(value, bool):
+            value = "1" if value else "0"
         elif isinstance(value, list):
             value = " ".join(value)
         env[ENV_PREFIX + name.upper()] = str(value)
@@ -196,8 +196,7 @@ def _otel_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def _demo(args: argparse.Namespace) -> int:
-    # The demo process is never paused, so it can show the GIL-free dump at work.
-    run = [sys.executable, "-m", "loopguard", "run", "--gil-dump"]
+    run = [sys.executable, "-m", "loopguard", "run"]
     if args.json:
         run += ["--json", args.json]
     module = "loopguard._demo"

@@ -99,12 +99,18 @@ class Stall(Event):
             code or waited in a call that releases the GIL (sleep, I/O, a lock);
             samples name the line. ``"c-held-gil"``: the loop thread ran C code that
             held the GIL (a catastrophic regex, a C extension); the line that called
-            into C comes from a traceback dump that needs no GIL. ``"gil"``: the
+            into C comes from a capture of the process read from outside it
+            (py-spy, from a helper process). ``"gil"``: the
             loop was idle but could not run because another thread held the GIL;
             :attr:`hog` names that thread. ``"gc"``: the garbage collector ran for
             most of the stall (:attr:`gc` says which generation and how much it
-            freed); the line that was running merely triggered it. ``"unknown"``:
-            the loop was late but nothing could be observed.
+            freed); the line that was running merely triggered it. ``"import"``:
+            module-level code ran inside the running loop (an application imported
+            by its server after the loop started); :attr:`culprit` is the module's
+            line; summaries keep it apart from user stalls. ``"scheduler"``: the
+            loop was idle and no thread held the GIL: the operating system did not
+            run the process (a busy machine, a CPU quota, a paused process).
+            ``"unknown"``: the loop was late but nothing could be observed.
         task: Name of the task that was running on the loop, when known.
         culprit: The deepest frame of user code in the most sampled stack: the
             line that held the loop. ``None`` when nothing was sampled.
@@ -122,6 +128,13 @@ class Stall(Event):
             for most of the stall, when the blocking-call guard reported that call
             (as a :class:`BlockingCall`): one incident, two views of it. Log output
             shows it once.
+        tasks: Every task seen running on the loop during the stall, in the order
+            seen (at most 8). When more than one ran, :attr:`task` is ``None``: no
+            single task held the loop.
+        capture_error: Why the line is missing, for a stall whose cause needed a
+            capture from outside the process (``c-held-gil``, ``gil``) that could not
+            be read: py-spy not installed, the kernel refused the read, another OS,
+            or the stall ended before a capture. ``None`` when nothing is missing.
     """
 
     kind: ClassVar[str] = "stall"
@@ -140,6 +153,8 @@ class Stall(Event):
     loop_cpu: float | None = None
     gc: GcPause | None = None
     blocking_call: str | None = None
+    tasks: tuple[str, ...] = ()
+    capture_error: str | None = None
 
 
 @dataclass(frozen=True)

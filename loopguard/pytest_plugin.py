@@ -458,6 +458,8 @@ class LoopguardPlugin:
         for stall in stalls:
             if stall.cause == "gc" and settings.gc != "fail":
                 noted.append(("gc", stall))
+            elif stall.cause == "scheduler":  # the machine, not the code: no CPU was free
+                noted.append(("scheduler", stall))
             elif stall.cause == "gil" and stall.hog is not None and stall.hog.thread == test_thread:
                 # A loop in another thread (a TestClient's portal) waited while the test
                 # itself held the GIL: the test's own work, not the code on the loop.

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
-# The default set but loopguard-dump, which can crash on asyncio (that is what it measures).
+# The default set but loopguard-nocapture.
 EXPECTED_CONFIGS = {
     "vanilla",
     "loopguard",

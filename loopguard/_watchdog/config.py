@@ -12,6 +12,7 @@ typo never turns into a silent no-op or a crash later.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -90,13 +91,11 @@ class Config:
         slow_callback: Seconds a callback may run before precise mode reports it
             (default ``threshold / 2``); must be smaller than ``threshold``.
         gil_dump: Name the line of C code that holds the GIL (and the GIL hog's line)
-            through faulthandler's traceback dump, which needs no GIL. Off by
-            default: the dump reads other threads' frames unlocked, which is safe
-            while they wait for the GIL but can crash the process if it fires while
-            they run Python: on a busy asyncio loop that keeps the sampler from the
-            GIL, and after a pause of the whole process (SIGSTOP, a debugger, cgroup
-            CPU throttling). A debugging aid, never for production. Without it,
-            CPU clocks still give the cause and the hog thread, without the line.
+            from a capture of the process read from outside it: a helper process
+            runs ``py-spy dump --nonblocking`` when the sampler cannot get the GIL.
+            It never writes to or pauses the process. On by default where it can
+            work (Linux, py-spy installed, reading allowed); elsewhere the reason is
+            logged once and stalls keep their cause without the line.
         blocking: Blocking-call guard: ``"off"``, ``"warn"`` (log and report each
             blocking call made on a loop thread), ``"raise"`` (refuse it with
             ``BlockingCallError``) or ``"record"`` (report without logging).
@@ -144,12 +143,11 @@ class Config:
         help="with --precise: report callbacks longer than S (default threshold/2)",
     )
     gil_dump: bool = _option(
-        False,
+        True,
         env=_flag,
-        action="store_true",
-        help="name the line of C code holding the GIL via a GIL-free traceback dump; "
-        "a debugging aid that can crash the process (busy asyncio loops, SIGSTOP, "
-        "cgroup throttling): never in production",
+        action=argparse.BooleanOptionalAction,
+        help="name the line of C code holding the GIL by reading the process from a "
+        "helper process with py-spy (default on; --no-gil-dump turns it off)",
     )
     blocking: BlockingMode = _option(
         "off", env=str, choices=BLOCKING_MODES, help="blocking-call guard mode (default off)"

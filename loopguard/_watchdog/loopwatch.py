@@ -26,9 +26,11 @@ from .summary import DelayHistogram
 if TYPE_CHECKING:
     from .watchdog import Watchdog
 
-__all__ = ["LoopWatch", "Ongoing", "trio_beat"]
+__all__ = ["LoopWatch", "Ongoing", "run_queue_wait", "trio_beat"]
 
 _monotonic = time.monotonic
+#: Task names kept per stall (``Stall.tasks``).
+MAX_TASKS = 8
 
 
 class LoopWatch:
@@ -43,6 +45,7 @@ class LoopWatch:
         "kind",
         "last_tick",
         "loop",
+        "native_id",
         "ongoing",
         "pending",
         "period",
@@ -60,6 +63,7 @@ class LoopWatch:
         self.period = wd.config.period
         self.threshold = wd.config.threshold
         self.thread_id = threading.get_ident()
+        self.native_id = threading.get_native_id()
         self.thread_name = threading.current_thread().name
         self.last_tick = _monotonic()
         self.pending: list[tuple[float, float]] = []  # (end, gap) of long gaps, loop-written
@@ -124,10 +128,30 @@ async def trio_beat(watch: LoopWatch) -> None:
                 watch.stats.trio_stats = trio.lowlevel.current_statistics()
 
 
+def run_queue_wait(native_id: int) -> float | None:
+    """Seconds the thread has spent runnable but waiting for a CPU (Linux schedstat)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/schedstat", "rb") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Ongoing:
     """A stall the sampler is watching while it lasts."""
 
-    __slots__ = ("attributes", "before", "folder", "others", "starved", "task", "tick")
+    __slots__ = (
+        "after_gap",
+        "attributes",
+        "before",
+        "folder",
+        "max_gap",
+        "others",
+        "queued",
+        "task",
+        "tasks",
+        "tick",
+    )
 
     def __init__(self, tick: float, before: CpuSnapshot | None) -> None:
         self.tick = tick
@@ -136,4 +160,12 @@ class Ongoing:
         self.others: dict[int, tuple[Frame, ...]] | None = None
         self.task: str | None = None
         self.attributes: dict[str, str] = {}
-        self.starved = 0
+        self.max_gap = 0.0  # the longest the sampler went without running, seconds
+        self.after_gap = 0  # samples taken right after such a gap (the loop held the GIL)
+        self.queued: tuple[float, float] | None = None  # (when, run-queue wait) at start
+        self.tasks: dict[str, None] = {}  # tasks seen running, in order (bounded)
+
+    def saw(self, task: str | None) -> None:
+        """Note a task seen running on the loop during the stall."""
+        if task is not None and len(self.tasks) < MAX_TASKS:
+            self.tasks[task] = None

@@ -107,6 +107,7 @@ class StallSummary:
         self._other = CulpritStats(None)
         self._calls: dict[tuple[str, Frame | None], CallSiteStats] = {}
         self._other_calls = CallSiteStats("other", None)
+        self._startup: dict[Frame | None, CulpritStats] = {}  # cause "import": not user stalls
         self._lock = threading.Lock()
 
     def emit(self, event: object) -> None:
@@ -117,12 +118,13 @@ class StallSummary:
         if not isinstance(event, Stall):
             return
         with self._lock:
-            stats = self._by.get(event.culprit)
+            by = self._startup if event.cause == "import" else self._by
+            stats = by.get(event.culprit)
             if stats is None:
-                if len(self._by) >= self.max_culprits:
+                if len(by) >= self.max_culprits:
                     stats = self._other
                 else:
-                    stats = self._by[event.culprit] = CulpritStats(event.culprit)
+                    stats = by[event.culprit] = CulpritStats(event.culprit)
             stats.count += 1
             stats.total += event.duration
             stats.max = max(stats.max, event.duration)
@@ -161,7 +163,7 @@ class StallSummary:
         return sum(r.count for r in rows), sum(r.total for r in rows)
 
     def table_lines(self, max_rows: int = _MAX_ROWS) -> list[str]:
-        """The summary's tables as text lines: stalls by culprit, blocking calls by site.
+        """The summary's tables as text lines: stalls by culprit, start-up, blocking calls by site.
 
         Args:
             max_rows: Rows shown per table; a last line says how many more there are.
@@ -184,11 +186,22 @@ class StallSummary:
         if stalls:
             lines.append(f"  {'count':>5}  {'total':>8}  {'max':>8}  culprit")
             lines += _capped(stalls, "culprits", max_rows)
+        lines += [
+            f"  start-up (import inside the loop): {r.count} stall(s), {r.total:.3f} s, at "
+            + (where(r.culprit) if r.culprit else "(not sampled)")
+            for r in self.startup_rows()
+        ]
         if sites:
             lines.append(f"  {sum(c.count for c in calls)} blocking call(s) on the loop thread")
             lines.append(f"  {'count':>5}  {'total':>8}  call, culprit")
             lines += _capped(sites, "call sites", max_rows)
         return lines
+
+    def startup_rows(self) -> list[CulpritStats]:
+        """Start-up stalls (imports run inside the loop), longest first; not in :meth:`rows`."""
+        with self._lock:
+            rows = list(self._startup.values())
+        return sorted(rows, key=lambda r: r.total, reverse=True)
 
 
 def _capped(rows: list[str], noun: str, limit: int) -> list[str]:
