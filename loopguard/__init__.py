@@ -8,6 +8,7 @@ import sys as _sys
 from . import _offload as _offload_package
 from ._api import current as current
 from ._api import install as install
+from ._api import loop_load as loop_load
 from ._api import uninstall as uninstall
 from ._api import watch as watch
 from ._blocking import Allow as Allow
@@ -21,6 +22,7 @@ from ._offload import set_offload_limit as set_offload_limit
 from ._offload import yielding as yielding
 from ._version import __version__ as __version__
 from ._watchdog import Config as Config
+from ._watchdog import LoopLoad as LoopLoad
 from ._watchdog import LoopStatsSnapshot as LoopStatsSnapshot
 from ._watchdog import Watchdog as Watchdog
 from .events import BlockingCall as BlockingCall
@@ -55,6 +57,7 @@ __all__ = [
     "Hog",
     "JsonLinesSink",
     "LoggingSink",
+    "LoopLoad",
     "LoopStatsSnapshot",
     "Offloaded",
     "RecordingSink",
@@ -68,6 +71,7 @@ __all__ = [
     "checkpoint",
     "current",
     "install",
+    "loop_load",
     "offload",
     "set_offload_limit",
     "unattribute",

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ._blocking import Allow
-from ._watchdog import BlockingMode, Config, Watchdog
+from ._watchdog import MAX_WINDOW, BlockingMode, Config, LoopLoad, Watchdog, load_of, watches_of
 from .events import Event
 from .sinks import Sink
 
-__all__ = ["current", "install", "install_config", "uninstall", "watch"]
+__all__ = ["current", "install", "install_config", "loop_load", "uninstall", "watch"]
 
 logger = logging.getLogger("loopguard")
 _installed: Watchdog | None = None
@@ -162,3 +164,46 @@ def watch(
         A not yet started :class:`Watchdog`; ``with`` starts and stops it.
     """
     return Watchdog(_config(dict(locals())))
+
+
+def loop_load(
+    window: float = 10.0, loop: asyncio.AbstractEventLoop | None = None
+) -> LoopLoad | None:
+    """How loaded an event loop has been over the last ``window`` seconds.
+
+    Read from the heartbeats of a running watchdog (``install()`` or ``watch()``)
+    that watches the loop: the delay percentiles are the heartbeat's lateness, the
+    utilization the share of time spent running callbacks (with ``stats=True``, on
+    asyncio's own loops). Cheap enough to call a few times a second; a load shedder
+    should cache the reading rather than call it per request.
+
+    Args:
+        window: Seconds to look back, more than 0 and at most 60.
+        loop: The asyncio (or uvloop) loop; default the loop running in the
+            calling thread.
+
+    Returns:
+        A :class:`LoopLoad`, or ``None`` if no running watchdog watches the loop
+        (or no loop is running in the calling thread).
+
+    Raises:
+        ValueError: ``window`` is not a number in (0, 60].
+    """
+    if (
+        isinstance(window, bool)
+        or not isinstance(window, (int, float))
+        or not math.isfinite(window)
+        or not 0 < window <= MAX_WINDOW
+    ):
+        raise ValueError(
+            f"window must be a number of seconds in (0, {MAX_WINDOW:g}], got {window!r}"
+        )
+    if loop is None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+    watch = next((w for w in watches_of(loop) if w.attached), None)
+    if watch is None:
+        return None
+    return load_of(watch, float(window))

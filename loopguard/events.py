@@ -256,6 +256,8 @@ class BlockingCall(Event):
         loop: Kind of loop: ``"asyncio"``, ``"uvloop"`` or ``"trio"``.
         suppressed: Calls from the same line not reported as events since the
             previous event from it (per-site rate limit; ``0`` when none).
+        attributes: Attribution read from the task that made the call (see
+            :func:`loopguard.attribute`), for example a route.
     """
 
     kind: ClassVar[str] = "blocking_call"
@@ -269,6 +271,7 @@ class BlockingCall(Event):
     thread: str = ""
     loop: str = "asyncio"
     suppressed: int = 0
+    attributes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

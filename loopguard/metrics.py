@@ -47,6 +47,7 @@ __all__ = [
     "OFFLOAD_RUN_DURATION",
     "OFFLOAD_WAIT_DURATION",
     "SPECS",
+    "ASGI_REQUESTS_SHED",
     "WEBSOCKET_CONNECTIONS",
     "WEBSOCKET_PING_RTT",
     "WEBSOCKET_PROCESS_DURATION",
@@ -92,6 +93,10 @@ WEBSOCKET_RECEIVE_MESSAGES = "websocket.receive.messages"
 WEBSOCKET_PROCESS_DURATION = "websocket.process.duration"
 WEBSOCKET_CONNECTIONS = "websocket.connections"
 WEBSOCKET_PING_RTT = "websocket.ping.rtt"
+# ASGI middleware (loopguard_integrations.asgi): load shedding.
+ASGI_REQUESTS_SHED = "loopguard.asgi.requests.shed"
+ASGI_SHED_REASON = "loopguard.asgi.shed.reason"
+"""Attribute of ``ASGI_REQUESTS_SHED``: ``"delay"`` or ``"utilization"``."""
 
 # Bucket advice for histograms in seconds. The SDK's default boundaries (0, 5, 10,
 # 25, ... 10000) suit milliseconds and would put every loop delay in one bucket.
@@ -269,6 +274,13 @@ SPECS: Mapping[str, MetricSpec] = MappingProxyType(
                 "s",
                 "Round-trip time of WebSocket pings.",
                 buckets=_CALL_BUCKETS,
+            ),
+            MetricSpec(
+                ASGI_REQUESTS_SHED,
+                "counter",
+                "{request}",
+                "Requests refused with 503 by the ASGI middleware's load shedding.",
+                attributes=(ASGI_SHED_REASON,),
             ),
         )
     }

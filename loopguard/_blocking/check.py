@@ -26,6 +26,7 @@ from types import CodeType, FrameType
 from typing import Any, Protocol
 
 from .. import metrics
+from .._core.attribution import attributes_here
 from .._core.frames import callback_frames, capture, culprit_of, is_own, own_part
 from .._core.loops import loop_kind
 from ..events import BlockingCall, Frame
@@ -251,14 +252,16 @@ def _verdict(
         return _ALLOWED
     loop, kind = found
     stack = capture(frame)
+    task, attributes = _task_of(loop, kind)
     report = _Report(
         entry.name,
         stack,
         culprit_of(callback_frames(stack)) or (stack[-1] if stack else None),
-        _task_name(loop, kind),
+        task,
         threading.current_thread().name,
         kind,
         plan,
+        attributes,
     )
     if any(action == "raise" for _, action, _ in plan):
         event = report.deliver(0.0)
@@ -295,22 +298,25 @@ def _describe(frame: FrameType) -> tuple[str, str]:
     return (frame.f_globals.get("__name__") or "", getattr(code, "co_qualname", code.co_name))
 
 
-def _task_name(loop: Any, kind: str) -> str | None:
+def _task_of(loop: Any, kind: str) -> tuple[str | None, dict[str, str]]:
+    """The calling task's name and its attribution (``loopguard.attribute``)."""
     try:
         if kind == "trio":
             import trio
 
-            return str(trio.lowlevel.current_task().name)
+            return str(trio.lowlevel.current_task().name), {}
         task = asyncio.current_task(loop)
-        return task.get_name() if task is not None else None
+        if task is None:
+            return None, {}
+        return task.get_name(), attributes_here()
     except Exception:
-        return None
+        return None, {}
 
 
 class _Report:
     """A blocking call some guards want to hear about, delivered once it has run."""
 
-    __slots__ = ("culprit", "function", "loop", "plan", "stack", "task", "thread")
+    __slots__ = ("attributes", "culprit", "function", "loop", "plan", "stack", "task", "thread")
 
     def __init__(
         self,
@@ -321,7 +327,9 @@ class _Report:
         thread: str,
         loop: str,
         plan: list[tuple[_Guard, str, int | None]],
+        attributes: dict[str, str],
     ) -> None:
+        self.attributes = attributes
         self.function = function
         self.stack = stack
         self.culprit = culprit
@@ -344,6 +352,7 @@ class _Report:
                 thread=self.thread,
                 loop=self.loop,
                 suppressed=admitted or 0,
+                attributes=self.attributes,
             )
             if first is None or (action == "raise" and first.action != "raise"):
                 first = event

@@ -15,7 +15,14 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["MAX_ATTRIBUTES", "MAX_VALUE_LENGTH", "attribute", "attributes_of", "unattribute"]
+__all__ = [
+    "MAX_ATTRIBUTES",
+    "MAX_VALUE_LENGTH",
+    "attribute",
+    "attributes_here",
+    "attributes_of",
+    "unattribute",
+]
 
 #: Context variables that can be registered at once.
 MAX_ATTRIBUTES = 16
@@ -112,3 +119,30 @@ def attributes_of(task: asyncio.Task[Any] | None, thread_id: int | None = None) 
         except Exception:
             continue
     return out
+
+
+def attributes_here() -> dict[str, str]:
+    """Read the registered attributes from the calling code's own context.
+
+    For reports made on the loop thread by the code that runs (a blocking call):
+    the current context is the running task's, on every Python version and loop.
+
+    Returns:
+        ``{name: str(value)[:MAX_VALUE_LENGTH], ...}`` for the variables that are set.
+    """
+    if not _registry:
+        return {}
+    out: dict[str, str] = {}
+    with _lock:
+        items = list(_registry.items())
+    for name, var in items:
+        try:
+            value = var.get(_UNSET)
+            if value is not _UNSET:
+                out[name] = str(value)[:MAX_VALUE_LENGTH]
+        except Exception:
+            continue
+    return out
+
+
+_UNSET = object()

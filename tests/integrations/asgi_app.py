@@ -1,0 +1,64 @@
+"""A FastAPI service for the middleware tests: routes that block, a background task, health.
+
+Run by ``asgi_server.py`` under a real uvicorn; lines marked ``MARK:`` are asserted on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import BackgroundTasks, FastAPI
+
+
+def burn(seconds: float) -> int:
+    """Hold the loop in pure Python."""
+    deadline = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < deadline:  # MARK:burn
+        n += 1
+    return n
+
+
+async def rebuild_index(seconds: float) -> None:
+    """The seed's anti-pattern: CPU work in an ``async def`` background task."""
+    burn(seconds)  # MARK:background
+
+
+def make_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/hello")
+    async def hello() -> dict[str, str]:
+        return {"hello": "world"}
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int, hold: float = 0.0) -> dict[str, int]:
+        burn(hold)  # MARK:item
+        return {"item": item_id}
+
+    @app.post("/orders/{order_id}/sleep")
+    async def sleeper(order_id: int, hold: float = 0.0) -> dict[str, int]:
+        time.sleep(hold)  # MARK:sleep
+        return {"order": order_id}
+
+    @app.post("/reports")
+    async def report(background: BackgroundTasks, hold: float = 0.0) -> dict[str, str]:
+        background.add_task(rebuild_index, hold)
+        return {"queued": "yes"}
+
+    @app.get("/cpu")
+    async def cpu(hold: float = 0.05) -> dict[str, str]:
+        burn(hold)
+        return {"cpu": "done"}
+
+    @app.get("/nap")
+    async def nap() -> dict[str, str]:
+        await asyncio.sleep(0.001)
+        return {"nap": "done"}
+
+    return app
