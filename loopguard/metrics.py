@@ -34,16 +34,22 @@ from opentelemetry import metrics as otel_metrics
 
 __all__ = [
     "ASYNCIO_BLOCKING_CALLS",
+    "BLOCKING_CALL_ACTION",
+    "BLOCKING_CALL_FUNCTION",
     "EVENTLOOP_DELAY",
     "EVENTLOOP_PENDING_CALLBACKS",
     "EVENTLOOP_SLOW_CALLBACKS",
     "EVENTLOOP_STALLS",
+    "EVENTLOOP_STALL_CAUSE",
     "EVENTLOOP_STALL_DURATION",
+    "EVENTLOOP_STATE",
     "EVENTLOOP_TASKS",
     "EVENTLOOP_TIME",
     "EVENTLOOP_UTILIZATION",
     "METER_NAME",
     "OFFLOAD_ACTIVE",
+    "OFFLOAD_FUNCTION",
+    "OFFLOAD_MODE",
     "OFFLOAD_RUN_DURATION",
     "OFFLOAD_WAIT_DURATION",
     "SPECS",
@@ -75,16 +81,23 @@ InstrumentKind = Literal["counter", "updowncounter", "histogram", "gauge"]
 EVENTLOOP_DELAY = "asyncio.eventloop.delay"
 EVENTLOOP_UTILIZATION = "asyncio.eventloop.utilization"
 EVENTLOOP_TIME = "asyncio.eventloop.time"
-EVENTLOOP_STALLS = "asyncio.eventloop.stalls"
+EVENTLOOP_STALLS = "asyncio.eventloop.stall.count"
 EVENTLOOP_STALL_DURATION = "asyncio.eventloop.stall.duration"
-EVENTLOOP_SLOW_CALLBACKS = "asyncio.eventloop.slow_callbacks"
-EVENTLOOP_PENDING_CALLBACKS = "asyncio.eventloop.pending_callbacks"
-EVENTLOOP_TASKS = "asyncio.eventloop.tasks"
-ASYNCIO_BLOCKING_CALLS = "asyncio.blocking_calls"
+EVENTLOOP_SLOW_CALLBACKS = "asyncio.eventloop.slow_callback.count"
+EVENTLOOP_PENDING_CALLBACKS = "asyncio.eventloop.callback.pending"
+EVENTLOOP_TASKS = "asyncio.eventloop.task.count"
+ASYNCIO_BLOCKING_CALLS = "asyncio.blocking_call.count"
 # Offload.
 OFFLOAD_WAIT_DURATION = "loopguard.offload.wait.duration"
 OFFLOAD_RUN_DURATION = "loopguard.offload.run.duration"
 OFFLOAD_ACTIVE = "loopguard.offload.active"
+# Attribute keys, each under its metric's namespace (OpenTelemetry naming rules).
+EVENTLOOP_STATE = "asyncio.eventloop.state"
+EVENTLOOP_STALL_CAUSE = "asyncio.eventloop.stall.cause"
+BLOCKING_CALL_FUNCTION = "asyncio.blocking_call.function"
+BLOCKING_CALL_ACTION = "asyncio.blocking_call.action"
+OFFLOAD_MODE = "loopguard.offload.mode"
+OFFLOAD_FUNCTION = "loopguard.offload.function"
 # Guarded WebSocket receive.
 WEBSOCKET_RECEIVE_QUEUE_SIZE = "websocket.receive.queue.size"
 WEBSOCKET_RECEIVE_QUEUE_CAPACITY = "websocket.receive.queue.capacity"
@@ -146,7 +159,7 @@ class MetricSpec:
     buckets: tuple[float, ...] | None = None
 
 
-_OFFLOAD_ATTRIBUTES = ("mode", "function")
+_OFFLOAD_ATTRIBUTES = (OFFLOAD_MODE, OFFLOAD_FUNCTION)
 
 SPECS: Mapping[str, MetricSpec] = MappingProxyType(
     {
@@ -170,14 +183,14 @@ SPECS: Mapping[str, MetricSpec] = MappingProxyType(
                 "counter",
                 "s",
                 "Time the event loop spent active (running callbacks) or idle (waiting).",
-                attributes=("state",),
+                attributes=(EVENTLOOP_STATE,),
             ),
             MetricSpec(
                 EVENTLOOP_STALLS,
                 "counter",
                 "{stall}",
                 "Stalls: the loop was held for at least the threshold.",
-                attributes=("cause",),
+                attributes=(EVENTLOOP_STALL_CAUSE,),
             ),
             MetricSpec(
                 EVENTLOOP_STALL_DURATION,
@@ -204,7 +217,7 @@ SPECS: Mapping[str, MetricSpec] = MappingProxyType(
                 "counter",
                 "{call}",
                 "Blocking calls made on the event loop thread, by catalogued function.",
-                attributes=("function", "action"),
+                attributes=(BLOCKING_CALL_FUNCTION, BLOCKING_CALL_ACTION),
             ),
             MetricSpec(
                 OFFLOAD_WAIT_DURATION,

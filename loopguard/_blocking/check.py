@@ -246,7 +246,9 @@ def _verdict(
         plan.append((guard, action, admitted))
     if strongest:
         metrics.record(
-            metrics.ASYNCIO_BLOCKING_CALLS, 1, {"function": entry.name, "action": strongest}
+            metrics.ASYNCIO_BLOCKING_CALLS,
+            1,
+            {metrics.BLOCKING_CALL_FUNCTION: entry.name, metrics.BLOCKING_CALL_ACTION: strongest},
         )
     if not plan:
         return _ALLOWED

@@ -110,7 +110,7 @@ def offload(
             counted in the offload metrics, and ``limit`` does not apply to them.
         cancellable: Release a cancelled caller at once rather than when the body
             returns (see above).
-        name_in_metrics: Add a ``function`` attribute to this function's metrics:
+        name_in_metrics: Add a ``loopguard.offload.function`` attribute to this function's metrics:
             ``True`` for its qualified name, or the given string. Off by default so
             that metric cardinality stays bounded.
 

@@ -62,9 +62,10 @@ class Runner:
         self.has_limit = limit is not None
         self.limiter = limiter_for(limit, self.name)
         self._remote: object = None
-        attributes: dict[str, str] = {"mode": mode}
+        attributes: dict[str, str] = {metrics.OFFLOAD_MODE: mode}
         if name_in_metrics:
-            attributes["function"] = self.name if name_in_metrics is True else str(name_in_metrics)
+            label = self.name if name_in_metrics is True else str(name_in_metrics)
+            attributes[metrics.OFFLOAD_FUNCTION] = label
         self.attributes: metrics.Attributes = attributes
         self.active = active.slot(attributes)
         self.call: Callable[..., Coroutine[Any, Any, Any]] = (

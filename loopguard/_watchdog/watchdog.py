@@ -31,7 +31,12 @@ from .._blocking import BlockingGuard, call_during
 from .._core.attribution import attributes_of
 from .._core.loops import loop_kind
 from ..events import Event, Frame, SlowCallback, Stall
-from ..metrics import EVENTLOOP_SLOW_CALLBACKS, EVENTLOOP_STALL_DURATION, EVENTLOOP_STALLS
+from ..metrics import (
+    EVENTLOOP_SLOW_CALLBACKS,
+    EVENTLOOP_STALL_CAUSE,
+    EVENTLOOP_STALL_DURATION,
+    EVENTLOOP_STALLS,
+)
 from ..metrics import record as _record
 from ..sinks import CallbackSink, JsonLinesSink, LoggingSink, RecordingSink, Sink, SinkSet
 from . import registry
@@ -439,7 +444,7 @@ class Watchdog:
             if stall.duration < threshold:
                 continue
             if reports:
-                _record(EVENTLOOP_STALLS, 1, {"cause": stall.cause})
+                _record(EVENTLOOP_STALLS, 1, {EVENTLOOP_STALL_CAUSE: stall.cause})
                 _record(EVENTLOOP_STALL_DURATION, stall.duration)
             self.sinks.emit(stall)
         return next_wake, bool(watches)
