@@ -53,7 +53,8 @@ __all__ = [
     "OFFLOAD_RUN_DURATION",
     "OFFLOAD_WAIT_DURATION",
     "SPECS",
-    "ASGI_REQUESTS_SHED",
+    "ASGI_SHED",
+    "ASGI_SHED_REASON",
     "WEBSOCKET_CONNECTIONS",
     "WEBSOCKET_PING_RTT",
     "WEBSOCKET_PROCESS_DURATION",
@@ -107,9 +108,8 @@ WEBSOCKET_PROCESS_DURATION = "websocket.process.duration"
 WEBSOCKET_CONNECTIONS = "websocket.connections"
 WEBSOCKET_PING_RTT = "websocket.ping.rtt"
 # ASGI middleware (loopguard_integrations.asgi): load shedding.
-ASGI_REQUESTS_SHED = "loopguard.asgi.requests.shed"
-ASGI_SHED_REASON = "loopguard.asgi.shed.reason"
-"""Attribute of ``ASGI_REQUESTS_SHED``: ``"delay"`` or ``"utilization"``."""
+ASGI_SHED = "loopguard.asgi.shed.count"
+ASGI_SHED_REASON = "loopguard.asgi.shed.reason"  # "delay" or "utilization"
 
 # Bucket advice for histograms in seconds. The SDK's default boundaries (0, 5, 10,
 # 25, ... 10000) suit milliseconds and would put every loop delay in one bucket.
@@ -289,7 +289,7 @@ SPECS: Mapping[str, MetricSpec] = MappingProxyType(
                 buckets=_CALL_BUCKETS,
             ),
             MetricSpec(
-                ASGI_REQUESTS_SHED,
+                ASGI_SHED,
                 "counter",
                 "{request}",
                 "Requests refused with 503 by the ASGI middleware's load shedding.",

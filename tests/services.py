@@ -196,3 +196,8 @@ def prometheus(tmp: Path, targets: list[str], interval: str = "1s") -> Iterator[
         yield f"http://127.0.0.1:{port}"
     finally:
         _stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a server process, killing it if it does not exit within 10 s."""
+    _stop(proc)

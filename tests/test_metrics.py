@@ -82,7 +82,7 @@ DESIGN_TABLE = {
     "websocket.process.duration": ("histogram", "s"),
     "websocket.connections": ("updowncounter", "{connection}"),
     "websocket.ping.rtt": ("histogram", "s"),
-    "loopguard.asgi.requests.shed": ("counter", "{request}"),
+    "loopguard.asgi.shed.count": ("counter", "{request}"),
 }
 
 

@@ -23,7 +23,7 @@ limit, new HTTP requests are answered ``503 Service Unavailable`` with ``Retry-A
 without reaching the application; exempt paths (health checks, metrics) always pass
 and WebSocket handshakes are refused only if asked. The shedder fails open: if
 anything in it goes wrong the request goes through. Shed requests are counted in
-``loopguard.asgi.requests.shed``.
+``loopguard.asgi.shed.count``.
 
 Stalls are only seen while a watchdog runs (``loopguard.install()``, ``loopguard run``
 or the OpenTelemetry instrumentor); the middleware does not start one.
@@ -415,7 +415,7 @@ class LoopguardMiddleware:
             reason = self._shedder.overloaded()
             if reason is None:
                 return False
-            metrics.record(metrics.ASGI_REQUESTS_SHED, 1, {metrics.ASGI_SHED_REASON: reason})
+            metrics.record(metrics.ASGI_SHED, 1, {metrics.ASGI_SHED_REASON: reason})
             return True
         except Exception:
             logger.exception("loopguard: load shedding check failed; the request goes through")

@@ -1,6 +1,9 @@
-"""A FastAPI service for the middleware tests: routes that block, a background task, health.
+"""A FastAPI service for the integration tests: routes that block, a background task.
 
-Run by ``asgi_server.py`` under a real uvicorn; lines marked ``MARK:`` are asserted on.
+Run under a real uvicorn by ``asgi_server.py`` (stalls as JSON lines) and
+``prom_server.py`` (metrics to Prometheus); lines marked ``MARK:`` are asserted on.
+Between them the routes produce every metric the dashboard shows from loopguard:
+stalls, blocking calls, offloaded calls, and (under load) shed requests.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ import asyncio
 import time
 
 from fastapi import BackgroundTasks, FastAPI
+
+import loopguard
 
 
 def burn(seconds: float) -> int:
@@ -23,6 +28,13 @@ def burn(seconds: float) -> int:
 async def rebuild_index(seconds: float) -> None:
     """The seed's anti-pattern: CPU work in an ``async def`` background task."""
     burn(seconds)  # MARK:background
+
+
+@loopguard.offload(limit=1, name_in_metrics="resize")
+def resize(seconds: float) -> str:
+    """A blocking function run in a worker thread, one call at a time (so calls queue)."""
+    time.sleep(seconds)
+    return "resized"
 
 
 def make_app() -> FastAPI:
@@ -60,5 +72,9 @@ def make_app() -> FastAPI:
     async def nap() -> dict[str, str]:
         await asyncio.sleep(0.001)
         return {"nap": "done"}
+
+    @app.get("/resize")
+    async def resize_route(hold: float = 0.05) -> dict[str, str]:
+        return {"result": await resize(hold)}
 
     return app

@@ -19,17 +19,15 @@ ROOT = HERE.parent.parent
 
 sys.path.insert(0, str(HERE.parent))
 
-from services import free_port  # noqa: E402
+from services import free_port, stop  # noqa: E402
 
 
 class Server:
     """A uvicorn server serving ``asgi_app`` with loopguard, and the events it wrote."""
 
-    def __init__(self, base: str, events: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+    def __init__(self, base: str, events: Path) -> None:
         self.base = base
         self.events_path = events
-        self.proc = proc
-        self.log = log
 
     def events(self) -> list[dict[str, Any]]:
         if not self.events_path.exists():
@@ -51,15 +49,13 @@ class Server:
             time.sleep(0.1)
 
 
-def child_env(**extra: str) -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """The environment of a child process importing this checkout's packages."""
     env = dict(os.environ)
     paths = [str(ROOT), str(ROOT / "integrations")]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.pop("LOOPGUARD_PYTEST", None)
-    env.update(extra)
     return env
 
 
@@ -77,22 +73,26 @@ def wait_until_serving(base: str, proc: subprocess.Popen[bytes], log: Path) -> N
 
 
 @contextlib.contextmanager
-def serve(tmp: Path, options: dict[str, Any] | None, **env: str) -> Iterator[Server]:
-    """Run ``asgi_server.py`` (the middleware with ``options``; ``None``: without it)."""
-    port = free_port()
-    events, log = tmp / "events.jsonl", tmp / "server.log"
-    args = [sys.executable, str(HERE / "asgi_server.py"), str(port), str(events)]
-    args.append("none" if options is None else json.dumps(options))
+def spawn(args: list[str], port: int, log: Path) -> Iterator[str]:
+    """Run a server script in a child process until it answers; yield its base URL."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=child_env(**env))
+        proc = subprocess.Popen(
+            [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=child_env()
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(base, proc, log)
-        yield Server(base, events, proc, log)
+        yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+@contextlib.contextmanager
+def serve(tmp: Path, options: dict[str, Any] | None) -> Iterator[Server]:
+    """Run ``asgi_server.py`` (the middleware with ``options``; ``None``: without it)."""
+    port = free_port()
+    events = tmp / "events.jsonl"
+    args = [str(HERE / "asgi_server.py"), str(port), str(events)]
+    args.append("none" if options is None else json.dumps(options))
+    with spawn(args, port, tmp / "server.log") as base:
+        yield Server(base, events)
