@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fastapi import BackgroundTasks, FastAPI
+from fastapi import BackgroundTasks, FastAPI, WebSocket
 
 import loopguard
 
@@ -72,6 +72,12 @@ def make_app() -> FastAPI:
     async def nap() -> dict[str, str]:
         await asyncio.sleep(0.001)
         return {"nap": "done"}
+
+    @app.websocket("/ws")
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(await websocket.receive_text())
+        await websocket.close()
 
     @app.get("/resize")
     async def resize_route(hold: float = 0.05) -> dict[str, str]:
