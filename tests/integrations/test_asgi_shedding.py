@@ -97,7 +97,7 @@ def test_websocket_handshakes_are_shed_only_when_asked(
     options: dict[str, Any] = {"shed_delay_p99": 0.05, "shed_websockets": shed_websockets}
     with serve(tmp_path, options) as server:
         url = server.base.replace("http://", "ws://") + "/ws"
-        outcomes = []
+        outcomes: list[tuple[int, object]] = []
         with Saturate(server.base):
             time.sleep(1.0)
             deadline = time.monotonic() + 5.0
