@@ -8,6 +8,7 @@ import sys as _sys
 from . import _offload as _offload_package
 from ._api import current as current
 from ._api import install as install
+from ._api import loop_lag as loop_lag
 from ._api import loop_load as loop_load
 from ._api import uninstall as uninstall
 from ._api import watch as watch
@@ -71,6 +72,7 @@ __all__ = [
     "checkpoint",
     "current",
     "install",
+    "loop_lag",
     "loop_load",
     "offload",
     "set_offload_limit",

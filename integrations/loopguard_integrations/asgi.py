@@ -19,7 +19,8 @@ attribute                     value
 
 Load shedding (off unless a limit is given): when the loop's heartbeat delay p99 or its
 utilization over a sliding window (read with :func:`loopguard.loop_load`) passes a
-limit, new HTTP requests are answered ``503 Service Unavailable`` with ``Retry-After``
+limit, or the delay building up right now does (:func:`loopguard.loop_lag`), new HTTP
+requests are answered ``503 Service Unavailable`` with ``Retry-After``
 without reaching the application; exempt paths (health checks, metrics) always pass
 and WebSocket handshakes are refused only if asked. The shedder fails open: if
 anything in it goes wrong the request goes through. Shed requests are counted in
@@ -258,25 +259,38 @@ class _Shedder:
         self.warned = False
 
     def overloaded(self) -> str | None:
-        """The reason to shed (``"delay"``, ``"utilization"``), or ``None``."""
+        """The reason to shed (``"delay"``, ``"utilization"``), or ``None``.
+
+        The window's percentiles and utilization are read every ``check_every``
+        seconds; the delay building up right now (:func:`loopguard.loop_lag`) on every
+        request, so a burst of requests that arrived together is cut short before
+        the heartbeat has had a chance to run.
+        """
         now = time.monotonic()
-        if now < self.next_check:
+        if now >= self.next_check:
+            self.next_check = now + self.check_every
+            self.reason = self._windowed()
+        if self.reason is not None:
             return self.reason
-        self.next_check = now + self.check_every
+        if self.delay_p99 is not None:
+            lag = loopguard.loop_lag()
+            if lag is not None and lag > self.delay_p99:
+                return "delay"
+        return None
+
+    def _windowed(self) -> str | None:
         load = loopguard.loop_load(self.window)
-        reason = None
         if load is None:
             self._warn("no running watchdog watches this loop (call loopguard.install())")
-        else:
-            if self.delay_p99 is not None and load.delay_p99 > self.delay_p99:
-                reason = "delay"
-            elif self.utilization is not None:
-                if load.utilization is None:
-                    self._warn("loop utilization is not measured (install(stats=True))")
-                elif load.utilization > self.utilization:
-                    reason = "utilization"
-        self.reason = reason
-        return reason
+            return None
+        if self.delay_p99 is not None and load.delay_p99 > self.delay_p99:
+            return "delay"
+        if self.utilization is not None:
+            if load.utilization is None:
+                self._warn("loop utilization is not measured (install(stats=True))")
+            elif load.utilization > self.utilization:
+                return "utilization"
+        return None
 
     def _warn(self, what: str) -> None:
         if not self.warned:
@@ -300,10 +314,13 @@ class LoopguardMiddleware:
             stalls they cause (wraps ``BackgroundTask.__call__`` until
             :meth:`close` or the application's lifespan shutdown).
         shed_delay_p99: Shed new requests while the loop's heartbeat delay p99 over
-            ``shed_window`` exceeds this many seconds. ``None``: no delay limit.
+            ``shed_window``, or the delay building up at the request's arrival,
+            exceeds this many seconds. ``None``: no delay limit.
         shed_utilization: Shed new requests while the loop's utilization over
             ``shed_window`` exceeds this share (0-1]; needs a watchdog with
             ``stats=True`` on asyncio's own loops. ``None``: no utilization limit.
+            Answering a flood of refused requests keeps a loop busy too, so under
+            such a flood this limit can keep shedding; the delay limit does not.
         shed_window: Seconds of history the limits are checked over (at most 60).
         shed_check_every: Seconds a load reading is reused for.
         retry_after: Seconds sent in the ``Retry-After`` header of a 503.

@@ -10,7 +10,7 @@ and queue depth; ``summary`` keeps the exit summary and the delay histogram.
 """
 
 from .config import ENV_PREFIX, BlockingMode, Config, EnvOption, env_options
-from .loopload import MAX_WINDOW, LoopLoad, load_of
+from .loopload import MAX_WINDOW, LoopLoad, lag_of, load_of
 from .loopstats import LoopStatsSnapshot
 from .registry import watches_of
 from .summary import StallSummary
@@ -27,6 +27,7 @@ __all__ = [
     "StallSummary",
     "Watchdog",
     "env_options",
+    "lag_of",
     "load_of",
     "running",
     "watches_of",

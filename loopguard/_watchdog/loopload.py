@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .loopwatch import LoopWatch
 
-__all__ = ["MAX_WINDOW", "LoopLoad", "load_of"]
+__all__ = ["MAX_WINDOW", "LoopLoad", "lag_of", "load_of"]
 
 #: The longest window :func:`load_of` can look back over, in seconds.
 MAX_WINDOW = 60.0
@@ -36,6 +36,9 @@ class LoopLoad:
         utilization: Share of the window the loop spent running callbacks
             (0-1), or ``None`` without loop statistics (``stats=True``) or on loops
             where they cannot be measured (uvloop, trio).
+        lag: How late the loop's next heartbeat already is, in seconds (0 when on
+            time): the delay building up right now, which the percentiles see only
+            once the heartbeat runs (see :func:`loopguard.loop_lag`).
     """
 
     window: float
@@ -44,6 +47,7 @@ class LoopLoad:
     delay_p99: float
     delay_max: float
     utilization: float | None
+    lag: float
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -51,6 +55,12 @@ def _percentile(ordered: list[float], q: float) -> float:
         return 0.0
     index = min(len(ordered) - 1, max(0, round(q / 100.0 * len(ordered) + 0.5) - 1))
     return ordered[index]
+
+
+def lag_of(watch: LoopWatch) -> float:
+    """How late the watch's next heartbeat already is (0 when on time)."""
+    late = time.monotonic() - watch.last_tick - watch.period
+    return late if late > 0.0 else 0.0
 
 
 def load_of(watch: LoopWatch, window: float) -> LoopLoad:
@@ -76,4 +86,5 @@ def load_of(watch: LoopWatch, window: float) -> LoopLoad:
         delay_p99=_percentile(lates, 99),
         delay_max=lates[-1] if lates else 0.0,
         utilization=utilization,
+        lag=lag_of(watch),
     )

@@ -32,7 +32,8 @@ class Server:
     def events(self) -> list[dict[str, Any]]:
         if not self.events_path.exists():
             return []
-        lines = self.events_path.read_text().splitlines()
+        # The last line may be half written: only whole lines count.
+        lines = self.events_path.read_text().split("\n")[:-1]
         return [json.loads(line) for line in lines if line.strip()]
 
     def wait_for(

@@ -74,7 +74,7 @@ def test_requests_are_shed_while_the_loop_is_saturated(
     tmp_path: Path, limits: dict[str, float]
 ) -> None:
     with serve(tmp_path, {**limits, "shed_window": 1.0, "retry_after": 2}) as server:
-        assert httpx.get(f"{server.base}/hello", timeout=30).status_code == 200
+        assert recovered(server.base)  # a slow start-up can trip the shedder at first
         with Saturate(server.base):
             time.sleep(1.0)
             hello = watch_route(server.base, "/hello", 4.0)
