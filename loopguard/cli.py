@@ -69,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
             run.add_argument("--" + option.name.replace("_", "-"), **kwargs)
     run.add_argument("--no-summary", action="store_true", help="print no summary at exit")
     run.add_argument(
+        "--otel",
+        action="store_true",
+        help="send metrics and stall events over OTLP/HTTP (to the OTEL_EXPORTER_OTLP_* "
+        "endpoint; needs loopguard[otel])",
+    )
+    run.add_argument(
+        "--prometheus",
+        metavar="HOST:PORT",
+        help="serve metrics for Prometheus on HOST:PORT (needs loopguard[otel])",
+    )
+    run.add_argument(
         "cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the command to run"
     )
 
@@ -138,6 +149,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         env[ENV_PREFIX + name.upper()] = str(value)
     if args.no_summary:
         env[ENV_PREFIX + "SUMMARY"] = "0"
+    env.update(_otel_outputs(parser, args))
     try:
         Config.from_env(env)
     except ValueError as exc:
@@ -152,6 +164,26 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(exe, cmd, env)
+
+
+def _otel_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
+    """The variables that ask the started processes for OpenTelemetry outputs."""
+    if not (args.otel or args.prometheus):
+        return {}
+    try:
+        from . import otel
+    except ImportError as exc:
+        parser.error(f"--otel and --prometheus need loopguard[otel] ({exc})")
+    out = {}
+    if args.otel:
+        out[ENV_PREFIX + "OTEL"] = "1"
+    if args.prometheus:
+        try:
+            otel.host_port(args.prometheus)
+        except ValueError as exc:
+            parser.error(f"--prometheus: {exc}")
+        out[ENV_PREFIX + "PROMETHEUS"] = args.prometheus
+    return out
 
 
 def _demo(args: argparse.Namespace) -> int:

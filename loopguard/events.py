@@ -256,8 +256,8 @@ class BlockingCall(Event):
         loop: Kind of loop: ``"asyncio"``, ``"uvloop"`` or ``"trio"``.
         suppressed: Calls from the same line not reported as events since the
             previous event from it (per-site rate limit; ``0`` when none).
-        attributes: Attribution read from the task that made the call (see
-            :func:`loopguard.attribute`), for example a route.
+        attributes: Values of the context variables registered with
+            :func:`loopguard.attribute`, read in the task that made the call.
     """
 
     kind: ClassVar[str] = "blocking_call"

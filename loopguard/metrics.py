@@ -31,6 +31,8 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace as otel_trace
+from opentelemetry.context import Context
 
 __all__ = [
     "ASYNCIO_BLOCKING_CALLS",
@@ -67,6 +69,7 @@ __all__ = [
     "instrument",
     "observe",
     "record",
+    "trace_context",
     "use_meter_provider",
 ]
 
@@ -409,7 +412,9 @@ def _reporter(name: str) -> Callable[..., None]:
     return report
 
 
-def record(name: str, value: float, attributes: Attributes | None = None) -> None:
+def record(
+    name: str, value: float, attributes: Attributes | None = None, context: Context | None = None
+) -> None:
     """Report one value to a synchronous instrument; never raises.
 
     Adds to a counter or up-down counter, records into a histogram, sets a gauge.
@@ -418,12 +423,50 @@ def record(name: str, value: float, attributes: Attributes | None = None) -> Non
         name: One of the names in :data:`SPECS`.
         value: The value (an increment for counters).
         attributes: Attributes, with keys from the metric's spec only.
+        context: The OpenTelemetry context the value belongs to (its span becomes
+            the exemplar's); ``None``: the calling thread's current context.
     """
     try:
         report = _reporters.get(name) or _reporter(name)
-        report(value, attributes)
+        if context is None:
+            report(value, attributes)
+        else:
+            report(value, attributes, context)
     except Exception:
         _fail(name)
+
+
+def trace_context(traceparent: str | None) -> Context | None:
+    """The OpenTelemetry context of a span given in W3C ``traceparent`` form.
+
+    Events carry the trace context of the task they blocked as text (see
+    :mod:`loopguard.otel`); this turns it back into a context to record a value or
+    emit a log record in, without the span object itself.
+
+    Args:
+        traceparent: ``"00-<trace id>-<span id>-<flags>"``, or ``None``.
+
+    Returns:
+        A context whose current span is a non-recording span with that trace id,
+        span id and flags; ``None`` when there is none or the text is malformed.
+    """
+    if not traceparent:
+        return None
+    try:
+        _, trace_id, span_id, flags = traceparent.split("-")
+        span = otel_trace.NonRecordingSpan(
+            otel_trace.SpanContext(
+                int(trace_id, 16),
+                int(span_id, 16),
+                is_remote=False,
+                trace_flags=otel_trace.TraceFlags(int(flags, 16)),
+            )
+        )
+        if not span.get_span_context().is_valid:
+            return None
+        return otel_trace.set_span_in_context(span)
+    except Exception:
+        return None
 
 
 def observe(name: str, callback: ObservableCallback | None) -> None:

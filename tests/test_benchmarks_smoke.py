@@ -15,6 +15,7 @@ EXPECTED_CONFIGS = {
     "loopguard-precise",
     "loopguard-stats",
     "loopguard-otel",
+    "loopguard-instrumentor",
     "asyncio-debug",
     "aiodebug",
     "pyleak",
@@ -61,3 +62,9 @@ def test_b1_quick_round_prints_every_configuration(tmp_path: Path) -> None:
     # The OpenTelemetry SDK configuration really aggregated loopguard's metrics.
     otel = [s["info"] for s in data["samples"] if s["key"].endswith("/loopguard-otel") and s["ok"]]
     assert otel and all("asyncio.eventloop.delay" in i["otel_metrics"] for i in otel)
+    # The instrumentor turned loopguard on, and a scrape would get its metrics.
+    via = [s["info"] for s in data["samples"] if s["key"].endswith("/loopguard-instrumentor")]
+    assert via and all(
+        "asyncio_eventloop_delay_seconds_bucket" in i["prometheus_series"] for i in via
+    )
+    assert variants["asyncio/loopguard-instrumentor"]["probe_seen"] == "yes"

@@ -11,8 +11,6 @@ attribute                     value
                               ``/items/{item_id}``; never the raw path; left out when no
                               route matched
 ``http.request.method``       ``GET``, ``POST``... (``_OTHER`` for anything else)
-``trace_id``                  the OpenTelemetry trace id current when the request
-                              entered the middleware, if any
 ``background.function``       inside a Starlette/FastAPI background task: the function
                               it runs (the route above is the one that scheduled it)
 ============================  ==========================================================
@@ -25,6 +23,11 @@ without reaching the application; exempt paths (health checks, metrics) always p
 and WebSocket handshakes are refused only if asked. The shedder fails open: if
 anything in it goes wrong the request goes through. Shed requests are counted in
 ``loopguard.asgi.shed.count``.
+
+The trace: with loopguard's OpenTelemetry instrumentor on (``loopguard.otel``), each
+stall and blocking call also carries the trace context of the blocked request, read
+from the task's context when the stall happens (no cost per request), and is emitted
+inside that request's trace.
 
 Stalls are only seen while a watchdog runs (``loopguard.install()``, ``loopguard run``
 or the OpenTelemetry instrumentor); the middleware does not start one.
@@ -48,7 +51,6 @@ __all__ = [
     "DEFAULT_EXEMPT_PATHS",
     "METHOD_ATTRIBUTE",
     "ROUTE_ATTRIBUTE",
-    "TRACE_ATTRIBUTE",
     "LoopguardMiddleware",
 ]
 
@@ -62,7 +64,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ROUTE_ATTRIBUTE = "http.route"
 METHOD_ATTRIBUTE = "http.request.method"
-TRACE_ATTRIBUTE = "trace_id"
 BACKGROUND_ATTRIBUTE = "background.function"
 
 #: Paths never shed: health checks and metrics scrapes must see the overloaded service.
@@ -80,12 +81,12 @@ _METHODS = frozenset(
 )
 
 
-class _Route:
-    """The route template of one request, read from its scope when a stall asks.
+class _Request:
+    """One request's attribution, read by the stall sampler through converters.
 
     Starlette's router writes the matched route into the scope after this middleware
-    has run, so the template is looked up lazily, by ``str()`` on the sampler thread.
-    Raising ``LookupError`` there leaves the attribute out (no route matched).
+    has run, so the template is looked up lazily, when a stall asks (on the sampler
+    thread). One context variable holds this object: a request costs one ``set``.
     """
 
     __slots__ = ("root_path", "scope")
@@ -94,11 +95,17 @@ class _Route:
         self.scope = scope
         self.root_path: str = scope.get("root_path", "")
 
-    def __str__(self) -> str:
+    def method(self) -> str:
+        """The request method, ``_OTHER`` for a method outside the standard set."""
+        method = self.scope.get("method", "GET")
+        return method if method in _METHODS else "_OTHER"
+
+    def route(self) -> str | None:
+        """The route template, or ``None`` when no route matched (yet)."""
         route = self.scope.get("route")
         template = route if isinstance(route, str) else getattr(route, "path", None)
         if not isinstance(template, str):
-            raise LookupError("no route matched")
+            return None
         # Under a Starlette Mount the template is relative to the mount point.
         mount = self.scope.get("root_path", "")
         if isinstance(mount, str) and mount.startswith(self.root_path):
@@ -106,17 +113,13 @@ class _Route:
         return template
 
 
-_ROUTE: contextvars.ContextVar[_Route] = contextvars.ContextVar("loopguard_http_route")
-_METHOD: contextvars.ContextVar[str] = contextvars.ContextVar("loopguard_http_method")
-_TRACE: contextvars.ContextVar[str] = contextvars.ContextVar("loopguard_trace_id")
+_REQUEST: contextvars.ContextVar[_Request] = contextvars.ContextVar("loopguard_asgi_request")
 _BACKGROUND: contextvars.ContextVar[str] = contextvars.ContextVar("loopguard_background")
 
-
-_ATTRIBUTES: tuple[tuple[str, contextvars.ContextVar[Any]], ...] = (
-    (ROUTE_ATTRIBUTE, _ROUTE),
-    (METHOD_ATTRIBUTE, _METHOD),
-    (TRACE_ATTRIBUTE, _TRACE),
-    (BACKGROUND_ATTRIBUTE, _BACKGROUND),
+_ATTRIBUTES: tuple[tuple[str, contextvars.ContextVar[Any], Callable[[Any], str | None]], ...] = (
+    (ROUTE_ATTRIBUTE, _REQUEST, _Request.route),
+    (METHOD_ATTRIBUTE, _REQUEST, _Request.method),
+    (BACKGROUND_ATTRIBUTE, _BACKGROUND, str),
 )
 _users_lock = threading.Lock()
 _users = 0  # middlewares not closed: the attributes stay registered while there are any
@@ -126,8 +129,8 @@ def _register() -> None:
     global _users
     with _users_lock:
         _users += 1
-        for name, var in _ATTRIBUTES:
-            loopguard.attribute(name, var)
+        for name, var, convert in _ATTRIBUTES:
+            loopguard.attribute(name, var, convert)
 
 
 def _unregister() -> None:
@@ -135,22 +138,8 @@ def _unregister() -> None:
     with _users_lock:
         _users = max(0, _users - 1)
         if not _users:
-            for name, _ in _ATTRIBUTES:
+            for name, _, _ in _ATTRIBUTES:
                 loopguard.unattribute(name)
-
-
-def _current_trace_id() -> str | None:
-    try:
-        from opentelemetry import trace
-    except ImportError:
-        return None
-    try:
-        context = trace.get_current_span().get_span_context()
-        if context.is_valid:
-            return format(context.trace_id, "032x")
-    except Exception:
-        return None
-    return None
 
 
 # -- background tasks ---------------------------------------------------------------
@@ -402,18 +391,11 @@ class LoopguardMiddleware:
             if self._shedder is not None and self._shed(scope, kind):
                 await self._refuse(kind, send)
                 return
-            route = _ROUTE.set(_Route(scope))
-            method = scope.get("method", "GET")
-            verb = _METHOD.set(method if method in _METHODS else "_OTHER")
-            trace_id = _current_trace_id()
-            trace = _TRACE.set(trace_id) if trace_id is not None else None
+            token = _REQUEST.set(_Request(scope))
             try:
                 await self.app(scope, receive, send)
             finally:
-                if trace is not None:
-                    _TRACE.reset(trace)
-                _METHOD.reset(verb)
-                _ROUTE.reset(route)
+                _REQUEST.reset(token)
         elif kind == "lifespan":
             await self.app(scope, receive, self._lifespan_send(send))
         else:

@@ -26,7 +26,7 @@ from types import CodeType, FrameType
 from typing import Any, Protocol
 
 from .. import metrics
-from .._core.attribution import attributes_here
+from .._core.attribution import current_attributes
 from .._core.frames import callback_frames, capture, culprit_of, is_own, own_part
 from .._core.loops import loop_kind
 from ..events import BlockingCall, Frame
@@ -254,16 +254,15 @@ def _verdict(
         return _ALLOWED
     loop, kind = found
     stack = capture(frame)
-    task, attributes = _task_of(loop, kind)
     report = _Report(
         entry.name,
         stack,
         culprit_of(callback_frames(stack)) or (stack[-1] if stack else None),
-        task,
+        _task_name(loop, kind),
         threading.current_thread().name,
         kind,
         plan,
-        attributes,
+        current_attributes(),
     )
     if any(action == "raise" for _, action, _ in plan):
         event = report.deliver(0.0)
@@ -300,19 +299,16 @@ def _describe(frame: FrameType) -> tuple[str, str]:
     return (frame.f_globals.get("__name__") or "", getattr(code, "co_qualname", code.co_name))
 
 
-def _task_of(loop: Any, kind: str) -> tuple[str | None, dict[str, str]]:
-    """The calling task's name and its attribution (``loopguard.attribute``)."""
+def _task_name(loop: Any, kind: str) -> str | None:
     try:
         if kind == "trio":
             import trio
 
-            return str(trio.lowlevel.current_task().name), {}
+            return str(trio.lowlevel.current_task().name)
         task = asyncio.current_task(loop)
-        if task is None:
-            return None, {}
-        return task.get_name(), attributes_here()
+        return task.get_name() if task is not None else None
     except Exception:
-        return None, {}
+        return None
 
 
 class _Report:
@@ -331,7 +327,6 @@ class _Report:
         plan: list[tuple[_Guard, str, int | None]],
         attributes: dict[str, str],
     ) -> None:
-        self.attributes = attributes
         self.function = function
         self.stack = stack
         self.culprit = culprit
@@ -339,6 +334,7 @@ class _Report:
         self.thread = thread
         self.loop = loop
         self.plan = plan
+        self.attributes = attributes
 
     def deliver(self, duration: float) -> BlockingCall:
         """Hand one event per guard over; return the event of the first guard that raises."""

@@ -241,7 +241,8 @@ class Config:
         """
         env = os.environ if environ is None else environ
         parsers = {o.variable[len(ENV_PREFIX) :]: o.parse for o in env_options()}
-        internal = {"SUMMARY", "BOOTSTRAPPED"}  # set by the CLI for its own use
+        # Set by the CLI for its own use (the summary, the OpenTelemetry outputs).
+        internal = {"SUMMARY", "BOOTSTRAPPED", "OTEL", "PROMETHEUS"}
         options: dict[str, Any] = {}
         for key, raw in env.items():
             if not key.startswith(ENV_PREFIX):

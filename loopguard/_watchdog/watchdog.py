@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._blocking import BlockingGuard, call_during
-from .._core.attribution import attributes_of
+from .._core.attribution import TRACE_PARENT, attributes_of
 from .._core.loops import loop_kind
 from ..events import Event, Frame, SlowCallback, Stall
 from ..metrics import (
@@ -36,6 +36,7 @@ from ..metrics import (
     EVENTLOOP_STALL_CAUSE,
     EVENTLOOP_STALL_DURATION,
     EVENTLOOP_STALLS,
+    trace_context,
 )
 from ..metrics import record as _record
 from ..sinks import CallbackSink, JsonLinesSink, LoggingSink, RecordingSink, Sink, SinkSet
@@ -370,12 +371,14 @@ class Watchdog:
                 self._start_trio_heartbeat()
         # Loops running in other threads: found once, attached from their own thread.
         for obj in gc.get_objects():
-            if isinstance(obj, asyncio.AbstractEventLoop) and obj is not loop:
-                try:
-                    if obj.is_running() and not obj.is_closed():
-                        self.watch_loop(obj)
-                except Exception:
+            try:
+                # isinstance() itself raises on a weakref.proxy whose object died.
+                if not isinstance(obj, asyncio.AbstractEventLoop) or obj is loop:
                     continue
+                if obj.is_running() and not obj.is_closed():
+                    self.watch_loop(obj)
+            except Exception:
+                continue
 
     # -- sampler thread --------------------------------------------------------------
 
@@ -445,7 +448,9 @@ class Watchdog:
                 continue
             if reports:
                 _record(EVENTLOOP_STALLS, 1, {EVENTLOOP_STALL_CAUSE: stall.cause})
-                _record(EVENTLOOP_STALL_DURATION, stall.duration)
+                # In the blocked task's trace context: exemplars link to its request.
+                trace = trace_context(stall.attributes.get(TRACE_PARENT))
+                _record(EVENTLOOP_STALL_DURATION, stall.duration, None, trace)
             self.sinks.emit(stall)
         return next_wake, bool(watches)
 
