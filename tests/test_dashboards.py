@@ -1,7 +1,9 @@
 """The Grafana dashboard and the Prometheus alert rules, run against a real Prometheus.
 
-A FastAPI service with loopguard and an OpenTelemetry SDK exporting to Prometheus runs
-under uvicorn; a Prometheus server scrapes it every second and evaluates
+A FastAPI service behind LoopguardMiddleware runs under uvicorn and
+``opentelemetry-instrument`` with the Prometheus exporter (loopguard turned on by its
+instrumentor; where loopguard is not installed with its entry points, the script sets
+up the same exporter itself); a Prometheus server scrapes it every second and evaluates
 ``dashboards/alerts.yml``. The service is driven to produce every metric the panels
 show (stalls, blocking calls, offloaded calls, shed requests); then every panel's
 PromQL and every alert expression must return data.
@@ -16,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ ROOT = Path(__file__).parent.parent
 DASHBOARD = ROOT / "dashboards" / "loopguard.json"
 ALERTS = ROOT / "dashboards" / "alerts.yml"
 APP = Path(__file__).parent / "integrations" / "prom_server.py"
+BIN = Path(sys.executable).parent
 
 #: Metrics the dashboard shows that the metric table does not define yet (broadcast).
 #: Listed so that defining one makes the check below fail until the list is updated.
@@ -144,13 +148,52 @@ def admitted(
         time.sleep(0.5)
 
 
+def zero_code() -> bool:
+    """Whether ``opentelemetry-instrument`` can turn loopguard on here (entry points)."""
+    found = metadata.entry_points(group="opentelemetry_instrumentor")
+    registered = any(e.name == "loopguard" for e in found)
+    return registered and (BIN / "opentelemetry-instrument").exists()
+
+
+def server_command(port: int, metrics_port: int) -> tuple[list[str], dict[str, str]]:
+    """The service under ``opentelemetry-instrument`` where loopguard's instrumentor is
+    registered, else the same SDK exporter set up by the script itself."""
+    env = {"SHED_DELAY_P99": "0.05"}
+    if not zero_code():
+        return [sys.executable, str(APP), str(port), str(metrics_port)], env
+    env.update(
+        OTEL_METRICS_EXPORTER="prometheus",
+        OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
+        OTEL_EXPORTER_PROMETHEUS_PORT=str(metrics_port),
+        OTEL_TRACES_EXPORTER="none",
+        OTEL_LOGS_EXPORTER="none",
+        OTEL_SERVICE_NAME="loopguard-dashboard-test",
+        OTEL_PYTHON_LOOPGUARD_THRESHOLD="0.1",
+        OTEL_PYTHON_LOOPGUARD_STATS="1",
+        OTEL_PYTHON_LOOPGUARD_BLOCKING="record",
+        OTEL_PYTHON_LOOPGUARD_LOG="0",
+    )
+    command = [
+        str(BIN / "opentelemetry-instrument"),
+        str(BIN / "uvicorn"),
+        "--app-dir",
+        str(APP.parent),
+        "prom_server:app",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        "--loop=asyncio",
+        "--log-level=warning",
+    ]
+    return command, env
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("prometheus")
     port, metrics_port = free_port(), free_port()
-    args = [str(APP), str(port), str(metrics_port), "0.05"]
+    command, env = server_command(port, metrics_port)
     with (
-        spawn(args, port, tmp / "app.log") as base,
+        spawn(command, port, tmp / "app.log", env) as base,
         prometheus(tmp, [f"127.0.0.1:{metrics_port}"]) as prom,
     ):
         running = Stack(base, prom)
@@ -165,6 +208,8 @@ def test_stalls_and_loop_delay_reach_prometheus(stack: Stack) -> None:
     )
     assert stalls, "the stall counter never reached Prometheus"
     assert stalls[0]["metric"]["otel_scope_name"] == "loopguard"
+    if zero_code():  # turned on by opentelemetry-instrument, not by the script
+        assert stack.query('target_info{service_name="loopguard-dashboard-test"}')
     heartbeats = stack.eventually("asyncio_eventloop_delay_seconds_count > 10")
     assert heartbeats, "the delay histogram never reached Prometheus"
     [p99] = stack.eventually(

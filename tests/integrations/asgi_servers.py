@@ -74,11 +74,13 @@ def wait_until_serving(base: str, proc: subprocess.Popen[bytes], log: Path) -> N
 
 
 @contextlib.contextmanager
-def spawn(args: list[str], port: int, log: Path) -> Iterator[str]:
-    """Run a server script in a child process until it answers; yield its base URL."""
+def spawn(
+    command: list[str], port: int, log: Path, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Run a server command in a child process until it answers; yield its base URL."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=child_env()
+            command, stdout=out, stderr=subprocess.STDOUT, env={**child_env(), **(env or {})}
         )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -93,7 +95,7 @@ def serve(tmp: Path, options: dict[str, Any] | None) -> Iterator[Server]:
     """Run ``asgi_server.py`` (the middleware with ``options``; ``None``: without it)."""
     port = free_port()
     events = tmp / "events.jsonl"
-    args = [str(HERE / "asgi_server.py"), str(port), str(events)]
+    args = [sys.executable, str(HERE / "asgi_server.py"), str(port), str(events)]
     args.append("none" if options is None else json.dumps(options))
     with spawn(args, port, tmp / "server.log") as base:
         yield Server(base, events)
