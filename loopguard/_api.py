@@ -226,8 +226,23 @@ def loop_lag(loop: asyncio.AbstractEventLoop | None = None) -> float | None:
     Returns:
         Seconds, or ``None`` if no running watchdog watches the loop.
     """
-    watch = _watch_of(loop)
-    return None if watch is None else lag_of(watch)
+    global _lag_watch
+    # Called per request by load shedders: the watch found last time is reused while
+    # it watches this same loop.
+    watch = _lag_watch
+    if loop is None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+    if watch is None or watch.loop is not loop or not watch.attached:
+        watch = _lag_watch = _watch_of(loop)
+        if watch is None:
+            return None
+    return lag_of(watch)
+
+
+_lag_watch: Any = None
 
 
 def _watch_of(loop: asyncio.AbstractEventLoop | None) -> Any:

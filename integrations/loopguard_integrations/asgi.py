@@ -355,6 +355,8 @@ class LoopguardMiddleware:
             )
         self.app = app
         self.exempt_paths = tuple(exempt_paths)
+        self._exempt = frozenset(exempt_paths)
+        self._exempt_under = tuple(p for p in exempt_paths if p.endswith("/"))
         self.shed_websockets = bool(shed_websockets)
         self.retry_after = retry_after
         self._shedder = (
@@ -407,9 +409,8 @@ class LoopguardMiddleware:
             if kind == "websocket" and not self.shed_websockets:
                 return False
             path = scope.get("path", "")
-            for exempt in self.exempt_paths:
-                if path == exempt or (exempt.endswith("/") and path.startswith(exempt)):
-                    return False
+            if path in self._exempt or (self._exempt_under and path.startswith(self._exempt_under)):
+                return False
             assert self._shedder is not None
             reason = self._shedder.overloaded()
             if reason is None:

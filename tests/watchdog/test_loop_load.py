@@ -77,3 +77,15 @@ def test_no_running_loop_no_reading() -> None:
 def test_a_bad_window_is_refused_naming_it(window: object) -> None:
     with pytest.raises(ValueError, match="window"):
         loopguard.loop_load(window)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_lag_follows_the_watchdogs_that_come_and_go() -> None:
+    with loopguard.watch():
+        assert loopguard.loop_lag() is not None
+    assert loopguard.loop_lag() is None  # the watchdog it read has stopped
+    with loopguard.watch(threshold=0.1):
+        await asyncio.sleep(0.05)
+        spin(0.12)
+        lag = loopguard.loop_lag()
+    assert lag is not None and lag >= 0.05
