@@ -173,17 +173,16 @@ def server_command(port: int, metrics_port: int) -> tuple[list[str], dict[str, s
         OTEL_PYTHON_LOOPGUARD_BLOCKING="record",
         OTEL_PYTHON_LOOPGUARD_LOG="0",
     )
-    command = [
-        str(BIN / "opentelemetry-instrument"),
-        str(BIN / "uvicorn"),
-        "--app-dir",
-        str(APP.parent),
-        "prom_server:app",
-        "--host=127.0.0.1",
-        f"--port={port}",
-        "--loop=asyncio",
-        "--log-level=warning",
-    ]
+    # uvicorn's options through its environment: opentelemetry-instrument's argument
+    # parser takes "--loop" for an abbreviation of its "--loopguard_*" flags.
+    env.update(
+        UVICORN_APP_DIR=str(APP.parent),
+        UVICORN_HOST="127.0.0.1",
+        UVICORN_PORT=str(port),
+        UVICORN_LOOP="asyncio",
+        UVICORN_LOG_LEVEL="warning",
+    )
+    command = [str(BIN / "opentelemetry-instrument"), str(BIN / "uvicorn"), "prom_server:app"]
     return command, env
 
 
