@@ -10,7 +10,9 @@ server, not the client, is the bottleneck).
 1. **Throughput**: ``plain`` (no middleware), ``middleware`` (attribution), and
    ``middleware+shed`` (shedding armed, never triggered) are loaded in interleaved
    rounds, in a shuffled order each round; the table gives median req/s and the
-   ratio to ``plain`` (target: the middleware costs at most 2 %).
+   server's CPU time per request, each with the median of the per-round ratios to
+   ``plain`` (target: the middleware costs at most 2 %). On a shared machine CPU per
+   request is the steadier of the two.
 2. **Shedding**: a probe client calls the cheap route ``/hello`` every 20 ms, first
    alone (unloaded), then while client processes hammer ``/cpu`` (20 ms of pure
    Python per call, enough to saturate the loop; a refused client waits out
@@ -194,6 +196,14 @@ def probe(port: int, seconds: float, out: Any) -> None:
     out.put(asyncio.run(_probe(port, seconds, 0.02)))
 
 
+def server_cpu(proc: subprocess.Popen[bytes]) -> float:
+    """CPU seconds the server process has used so far (user + system)."""
+    import psutil
+
+    times = psutil.Process(proc.pid).cpu_times()
+    return float(times.user + times.system)
+
+
 def run_load(port: int, path: str, processes: int, connections: int, seconds: float) -> float:
     """Requests per second served under ``processes`` load processes."""
     queue: Any = multiprocessing.Queue()
@@ -223,6 +233,7 @@ def throughput(rounds: int, seconds: float) -> dict[str, Any]:
     names = ["plain", "middleware", "middleware+shed"]
     servers = {name: start(name) for name in names}
     rates: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}  # server CPU s per request
     try:
         for name in names:  # warm-up
             run_load(servers[name][1], "/hello", 2, 8, 1.0)
@@ -230,7 +241,11 @@ def throughput(rounds: int, seconds: float) -> dict[str, Any]:
             order = names[:]
             random.shuffle(order)
             for name in order:
-                rates[name].append(run_load(servers[name][1], "/hello", 2, 16, seconds))
+                proc, port = servers[name]
+                before = server_cpu(proc)
+                rate = run_load(port, "/hello", 2, 16, seconds)
+                rates[name].append(rate)
+                cpu[name].append((server_cpu(proc) - before) / max(1.0, rate * seconds))
     finally:
         for proc, _ in servers.values():
             proc.terminate()
@@ -244,6 +259,10 @@ def throughput(rounds: int, seconds: float) -> dict[str, Any]:
                 r / p for r, p in zip(rates[name], rates["plain"], strict=True)
             ),
             "rps": rates[name],
+            "cpu_us": statistics.median(cpu[name]) * 1e6,
+            "cpu_ratio": statistics.median(
+                c / p for c, p in zip(cpu[name], cpu["plain"], strict=True)
+            ),
         }
         for name in names
     } | {"_plain_median": plain}
@@ -302,12 +321,15 @@ def _latencies(samples: list[tuple[int, float]]) -> dict[str, float]:
 def report(tp: dict[str, Any], shed: dict[str, Any]) -> str:
     ms = 1000.0
     lines = [
-        "| server | req/s (median) | vs plain |",
-        "|---|---|---|",
+        "| server | req/s (median) | vs plain | server CPU per request | vs plain |",
+        "|---|---|---|---|---|",
     ]
     for name in ["plain", "middleware", "middleware+shed"]:
         row = tp[name]
-        lines.append(f"| {name} | {row['rps_median']:.0f} | {row['ratio']:.3f}x |")
+        lines.append(
+            f"| {name} | {row['rps_median']:.0f} | {row['ratio']:.3f}x "
+            f"| {row['cpu_us']:.0f} µs | {row['cpu_ratio']:.3f}x |"
+        )
     lines += [
         "",
         "| server | /hello p99 unloaded | loaded: p50 | p99 (all) | p99 (200s) | served "
