@@ -81,44 +81,38 @@ _METHODS = frozenset(
 )
 
 
-class _Request:
-    """One request's attribution, read by the stall sampler through converters.
+def _route(scope: Scope) -> str | None:
+    """The route template of a request, or ``None`` when no route matched (yet).
 
     Starlette's router writes the matched route into the scope after this middleware
-    has run, so the template is looked up lazily, when a stall asks (on the sampler
-    thread). One context variable holds this object: a request costs one ``set``.
+    has run, so the template is looked up lazily, when a stall asks for it (on the
+    sampler thread). The context variable holds the scope itself: a request costs one
+    ``set`` and no allocation.
     """
-
-    __slots__ = ("root_path", "scope")
-
-    def __init__(self, scope: Scope) -> None:
-        self.scope = scope
-        self.root_path: str = scope.get("root_path", "")
-
-    def method(self) -> str:
-        """The request method, ``_OTHER`` for a method outside the standard set."""
-        method = self.scope.get("method", "GET")
-        return method if method in _METHODS else "_OTHER"
-
-    def route(self) -> str | None:
-        """The route template, or ``None`` when no route matched (yet)."""
-        route = self.scope.get("route")
-        template = route if isinstance(route, str) else getattr(route, "path", None)
-        if not isinstance(template, str):
-            return None
-        # Under a Starlette Mount the template is relative to the mount point.
-        mount = self.scope.get("root_path", "")
-        if isinstance(mount, str) and mount.startswith(self.root_path):
-            template = mount[len(self.root_path) :] + template
-        return template
+    route = scope.get("route")
+    template = route if isinstance(route, str) else getattr(route, "path", None)
+    if not isinstance(template, str):
+        return None
+    # Under a Starlette Mount the template is relative to the mount point: the mount's
+    # path is what root_path gained below the application's own (app_root_path).
+    root, top = scope.get("root_path", ""), scope.get("app_root_path")
+    if isinstance(root, str) and isinstance(top, str) and root.startswith(top):
+        template = root[len(top) :] + template
+    return template
 
 
-_REQUEST: contextvars.ContextVar[_Request] = contextvars.ContextVar("loopguard_asgi_request")
+def _method(scope: Scope) -> str:
+    """The request method, ``_OTHER`` for a method outside the standard set."""
+    method = scope.get("method", "GET")
+    return method if method in _METHODS else "_OTHER"
+
+
+_REQUEST: contextvars.ContextVar[Scope] = contextvars.ContextVar("loopguard_asgi_request")
 _BACKGROUND: contextvars.ContextVar[str] = contextvars.ContextVar("loopguard_background")
 
 _ATTRIBUTES: tuple[tuple[str, contextvars.ContextVar[Any], Callable[[Any], str | None]], ...] = (
-    (ROUTE_ATTRIBUTE, _REQUEST, _Request.route),
-    (METHOD_ATTRIBUTE, _REQUEST, _Request.method),
+    (ROUTE_ATTRIBUTE, _REQUEST, _route),
+    (METHOD_ATTRIBUTE, _REQUEST, _method),
     (BACKGROUND_ATTRIBUTE, _BACKGROUND, str),
 )
 _users_lock = threading.Lock()
@@ -393,7 +387,7 @@ class LoopguardMiddleware:
             if self._shedder is not None and self._shed(scope, kind):
                 await self._refuse(kind, send)
                 return
-            token = _REQUEST.set(_Request(scope))
+            token = _REQUEST.set(scope)
             try:
                 await self.app(scope, receive, send)
             finally:

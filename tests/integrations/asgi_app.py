@@ -12,6 +12,10 @@ import asyncio
 import time
 
 from fastapi import BackgroundTasks, FastAPI, WebSocket
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 import loopguard
 
@@ -78,6 +82,14 @@ def make_app() -> FastAPI:
         await websocket.accept()
         await websocket.send_text(await websocket.receive_text())
         await websocket.close()
+
+    async def admin_user(request: Request) -> PlainTextResponse:
+        burn(float(request.query_params.get("hold", "0")))  # MARK:admin
+        return PlainTextResponse(request.path_params["uid"])
+
+    # A plain Starlette app under a mount: the route template is the mount's path
+    # followed by the inner route's.
+    app.mount("/admin", Starlette(routes=[Route("/users/{uid}", admin_user)]))
 
     @app.get("/resize")
     async def resize_route(hold: float = 0.05) -> dict[str, str]:

@@ -52,6 +52,13 @@ def test_a_stall_carries_the_route_template_and_method(server: Server) -> None:
     assert "/items/7" not in stall["attributes"].values()
 
 
+def test_a_mounted_route_is_named_with_its_mount_path(server: Server) -> None:
+    response = httpx.get(f"{server.base}/admin/users/42", params={"hold": 0.5}, timeout=30)
+    assert response.text == "42"
+    stall = server.wait_for(_stall_at("MARK:burn", "make_app.<locals>.admin_user"))
+    assert stall["attributes"]["http.route"] == "/admin/users/{uid}"
+
+
 def test_a_blocking_call_carries_the_route_and_method(server: Server) -> None:
     response = httpx.post(f"{server.base}/orders/3/sleep", params={"hold": 0.05}, timeout=30)
     assert response.status_code == 200
