@@ -12,7 +12,8 @@ server, not the client, is the bottleneck).
    rounds, in a shuffled order each round; the table gives median req/s and the
    server's CPU time per request, each with the median of the per-round ratios to
    ``plain`` (target: the middleware costs at most 2 %). On a shared machine CPU per
-   request is the steadier of the two.
+   request is the steadier of the two. The same three run in process too (the ASGI
+   path alone, no server or sockets): the CPU time loopguard adds to each request.
 2. **Shedding**: a probe client calls the cheap route ``/hello`` every 20 ms, first
    alone (unloaded), then while client processes hammer ``/cpu`` (20 ms of pure
    Python per call, enough to saturate the loop; a refused client waits out
@@ -318,7 +319,79 @@ def _latencies(samples: list[tuple[int, float]]) -> dict[str, float]:
     }
 
 
-def report(tp: dict[str, Any], shed: dict[str, Any]) -> str:
+def in_process(rounds: int, calls: int) -> dict[str, Any]:
+    """CPU per request of the ASGI path alone (no server, no sockets), interleaved."""
+    sys.path[:0] = [str(REPO), str(REPO / "integrations")]  # this checkout, as the servers
+    from loopguard_integrations.asgi import LoopguardMiddleware
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    import loopguard
+
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("hello")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    def scope() -> dict[str, Any]:
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/hello",
+            "raw_path": b"/hello",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"bench")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 2),
+        }
+
+    base = Starlette(routes=[Route("/hello", hello)])
+    apps: dict[str, Any] = {
+        "plain": base,
+        "middleware": LoopguardMiddleware(base),
+        "middleware+shed": LoopguardMiddleware(base, **VARIANTS["middleware+shed"] or {}),
+    }
+    cpu: dict[str, list[float]] = {name: [] for name in apps}
+
+    async def run() -> None:
+        loopguard.install(threshold=0.1, log=False, stats=True)
+        for _ in range(rounds):
+            order = list(apps)
+            random.shuffle(order)
+            for name in order:
+                app = apps[name]
+                started = time.process_time()
+                for i in range(calls):
+                    await app(scope(), receive, send)
+                    if i % 50 == 0:
+                        await asyncio.sleep(0)  # let the heartbeat run
+                cpu[name].append((time.process_time() - started) / calls)
+        loopguard.uninstall()
+
+    asyncio.run(run())
+    return {
+        name: {
+            "cpu_us": statistics.median(cpu[name]) * 1e6,
+            "extra_us": statistics.median(
+                (c - p) for c, p in zip(cpu[name], cpu["plain"], strict=True)
+            )
+            * 1e6,
+        }
+        for name in apps
+    }
+
+
+def report(tp: dict[str, Any], shed: dict[str, Any], inproc: dict[str, Any]) -> str:
     ms = 1000.0
     lines = [
         "| server | req/s (median) | vs plain | server CPU per request | vs plain |",
@@ -330,6 +403,14 @@ def report(tp: dict[str, Any], shed: dict[str, Any]) -> str:
             f"| {name} | {row['rps_median']:.0f} | {row['ratio']:.3f}x "
             f"| {row['cpu_us']:.0f} µs | {row['cpu_ratio']:.3f}x |"
         )
+    if inproc:
+        lines += [
+            "",
+            "| ASGI path in process | CPU per request | added by loopguard |",
+            "|---|---|---|",
+        ]
+        for name, row in inproc.items():
+            lines.append(f"| {name} | {row['cpu_us']:.1f} µs | {row['extra_us']:+.1f} µs |")
     lines += [
         "",
         "| server | /hello p99 unloaded | loaded: p50 | p99 (all) | p99 (200s) | served "
@@ -359,10 +440,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     rounds, seconds = (2, 1.0) if args.quick else (args.rounds, args.seconds)
     tp = throughput(rounds, seconds)
+    inproc = in_process(3 if args.quick else 15, 500 if args.quick else 2000)
     shed = shedding(max(seconds, 2.0) if args.quick else seconds * 2)
-    print(report(tp, shed))
+    print(report(tp, shed, inproc))
     if args.out is not None:
-        args.out.write_text(json.dumps({"throughput": tp, "shedding": shed}, indent=2) + "\n")
+        results = {"throughput": tp, "in_process": inproc, "shedding": shed}
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
