@@ -171,7 +171,7 @@ class OtelEventSink:
         attributes: dict[str, Any] = {
             **_user_attributes(stall.attributes),
             **_code(stall.culprit),
-            "asyncio.eventloop.stall.duration": stall.duration,
+            metrics.EVENTLOOP_STALL_DURATION: stall.duration,  # the value the histogram gets
             metrics.EVENTLOOP_STALL_CAUSE: stall.cause,
             "asyncio.eventloop.kind": stall.loop,
             "thread.name": stall.thread,

@@ -135,7 +135,12 @@ def _run_script(
 
 
 def _the_stall(received: Received) -> Any:
-    [record] = received.events("asyncio.eventloop.stall")
+    # The one in parse_feed (a loaded machine may pause the process and add another).
+    [record] = [
+        r
+        for r in received.events("asyncio.eventloop.stall")
+        if attributes_of(r).get("code.function.name") == "parse_feed"
+    ]
     return record
 
 
@@ -262,7 +267,12 @@ def test_uvicorn_app_stall_event_links_to_the_blocked_request_span(
     finally:
         output = _stop(proc)
     received = receiver.received
-    stalls = received.events("asyncio.eventloop.stall")
+    # Only the two handlers' stalls: a loaded machine may add one at start-up.
+    stalls = [
+        r
+        for r in received.events("asyncio.eventloop.stall")
+        if attributes_of(r).get("code.function.name") == "load_report"
+    ]
     assert len(stalls) == 2, output
     spans = list(received.spans())
     servers = {attributes_of(s).get("http.route"): s for s in spans if s.kind == 2}
