@@ -45,42 +45,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield running
 
 
-def _stall_of(route: str) -> Any:
-    """Match a stall attributed to ``route`` (whatever its cause on a loaded machine)."""
-
-    def match(event: dict[str, Any]) -> bool:
-        return bool(event["kind"] == "stall" and event["attributes"].get("http.route") == route)
-
-    return match
-
-
-def _check_culprit(stall: dict[str, Any], marker: str) -> None:
-    """Where the sampler saw the stack (not a c-held-gil stall), it names the line."""
-    if stall["culprit"] is not None:
-        assert stall["culprit"]["line"] == line_of(marker, APP)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The service with the middleware (attribution only, no shedding)."""
-    with serve(tmp_path_factory.mktemp("asgi"), {}) as running:
-        yield running
-
-
-def _stall_at(marker: str, through: str | None = None) -> Any:
-    """Match a stall whose culprit is the marked line (reached through ``through``)."""
-    line = line_of(marker, APP)
-
-    def match(event: dict[str, Any]) -> bool:
-        culprit = event.get("culprit") or {}
-        if event["kind"] != "stall" or culprit.get("line") != line:
-            return False
-        functions = {f["function"] for s in event["stacks"] for f in s["frames"]}
-        return through is None or through in functions
-
-    return match
-
-
 def test_a_stall_carries_the_route_template_and_method(server: Server) -> None:
     assert httpx.get(f"{server.base}/items/7", params={"hold": 0.5}, timeout=30).status_code == 200
     stall = server.wait_for(_stall_of("/items/{item_id}"))
