@@ -8,6 +8,8 @@ import sys as _sys
 from . import _offload as _offload_package
 from ._api import current as current
 from ._api import install as install
+from ._api import loop_lag as loop_lag
+from ._api import loop_load as loop_load
 from ._api import recent_stalls as recent_stalls
 from ._api import report as report
 from ._api import uninstall as uninstall
@@ -23,6 +25,7 @@ from ._offload import set_offload_limit as set_offload_limit
 from ._offload import yielding as yielding
 from ._version import __version__ as __version__
 from ._watchdog import Config as Config
+from ._watchdog import LoopLoad as LoopLoad
 from ._watchdog import LoopStatsSnapshot as LoopStatsSnapshot
 from ._watchdog import Watchdog as Watchdog
 from .events import BlockingCall as BlockingCall
@@ -59,6 +62,7 @@ __all__ = [
     "Hog",
     "JsonLinesSink",
     "LoggingSink",
+    "LoopLoad",
     "LoopStatsSnapshot",
     "Offloaded",
     "RecordingSink",
@@ -72,6 +76,8 @@ __all__ = [
     "checkpoint",
     "current",
     "install",
+    "loop_lag",
+    "loop_load",
     "offload",
     "recent_stalls",
     "report",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -10,7 +12,17 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ._blocking import Allow
-from ._watchdog import BlockingMode, Config, Watchdog, running
+from ._watchdog import (
+    MAX_WINDOW,
+    BlockingMode,
+    Config,
+    LoopLoad,
+    Watchdog,
+    lag_of,
+    load_of,
+    running,
+    watches_of,
+)
 from .events import Event, Stall
 from .sinks import Sink
 
@@ -18,6 +30,8 @@ __all__ = [
     "current",
     "install",
     "install_config",
+    "loop_lag",
+    "loop_load",
     "recent_stalls",
     "report",
     "uninstall",
@@ -223,3 +237,84 @@ def recent_stalls(seconds: float) -> list[Stall]:
             if stall.started_at + stall.duration >= since:
                 found.setdefault((round(stall.started_at, 3), stall.culprit), stall)
     return sorted(found.values(), key=lambda s: s.started_at)
+
+
+def loop_load(
+    window: float = 10.0, loop: asyncio.AbstractEventLoop | None = None
+) -> LoopLoad | None:
+    """How loaded an event loop has been over the last ``window`` seconds.
+
+    Read from the heartbeats of a running watchdog (``install()`` or ``watch()``)
+    that watches the loop: the delay percentiles are the heartbeat's lateness, the
+    utilization the share of time spent running callbacks (with ``stats=True``, on
+    asyncio's own loops). Cheap enough to call a few times a second; a load shedder
+    should cache the reading rather than call it per request.
+
+    Args:
+        window: Seconds to look back, more than 0 and at most 60.
+        loop: The asyncio (or uvloop) loop; default the loop running in the
+            calling thread.
+
+    Returns:
+        A :class:`LoopLoad`, or ``None`` if no running watchdog watches the loop
+        (or no loop is running in the calling thread).
+
+    Raises:
+        ValueError: ``window`` is not a number in (0, 60].
+    """
+    if (
+        isinstance(window, bool)
+        or not isinstance(window, (int, float))
+        or not math.isfinite(window)
+        or not 0 < window <= MAX_WINDOW
+    ):
+        raise ValueError(
+            f"window must be a number of seconds in (0, {MAX_WINDOW:g}], got {window!r}"
+        )
+    watch = _watch_of(loop)
+    return None if watch is None else load_of(watch, float(window))
+
+
+def loop_lag(loop: asyncio.AbstractEventLoop | None = None) -> float | None:
+    """How late the loop's next heartbeat already is, in seconds (0 when on time).
+
+    The delay building up right now: called from a callback or task step, it says
+    how long the loop has gone without running its heartbeat, that is how long the
+    work ready before this one has been holding it. Cheaper than :func:`loop_load`
+    (no percentiles): a load shedder can call it on every request.
+
+    Args:
+        loop: The asyncio (or uvloop) loop; default the loop running in the
+            calling thread.
+
+    Returns:
+        Seconds, or ``None`` if no running watchdog watches the loop.
+    """
+    global _lag_watch
+    # Called per request by load shedders: the watch found last time is reused while
+    # it watches this same loop.
+    watch = _lag_watch
+    if loop is None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+    if watch is None or watch.loop is not loop or not watch.attached:
+        watch = _lag_watch = _watch_of(loop)
+        if watch is None:
+            return None
+    return lag_of(watch)
+
+
+_lag_watch: Any = None
+
+
+def _watch_of(loop: asyncio.AbstractEventLoop | None) -> Any:
+    if loop is None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+    watches = [w for w in watches_of(loop) if w.attached]
+    # Of several watchdogs on one loop, one that measures utilization.
+    return next((w for w in watches if w.stats is not None), watches[0] if watches else None)

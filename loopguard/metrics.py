@@ -55,6 +55,8 @@ __all__ = [
     "OFFLOAD_RUN_DURATION",
     "OFFLOAD_WAIT_DURATION",
     "SPECS",
+    "ASGI_SHED",
+    "ASGI_SHED_REASON",
     "WEBSOCKET_CLOSES",
     "WEBSOCKET_CONNECTION_ACTIVE",
     "WEBSOCKET_PING_DURATION",
@@ -113,6 +115,9 @@ WEBSOCKET_PROCESS_DURATION = "websocket.process.duration"
 WEBSOCKET_CONNECTION_ACTIVE = "websocket.connection.active"
 WEBSOCKET_PING_DURATION = "websocket.ping.duration"
 WEBSOCKET_CLOSES = "websocket.close.count"
+# ASGI middleware (loopguard_integrations.asgi): load shedding.
+ASGI_SHED = "loopguard.asgi.shed.count"
+ASGI_SHED_REASON = "loopguard.asgi.shed.reason"  # "delay" or "utilization"
 
 # Bucket advice for histograms in seconds. The SDK's default boundaries (0, 5, 10,
 # 25, ... 10000) suit milliseconds and would put every loop delay in one bucket.
@@ -320,6 +325,13 @@ SPECS: Mapping[str, MetricSpec] = MappingProxyType(
                     "websocket.close.code",
                     "websocket.close.reason",
                 ),
+            ),
+            MetricSpec(
+                ASGI_SHED,
+                "counter",
+                "{request}",
+                "Requests refused with 503 by the ASGI middleware's load shedding.",
+                attributes=(ASGI_SHED_REASON,),
             ),
         )
     }

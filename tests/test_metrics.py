@@ -84,6 +84,7 @@ DESIGN_TABLE = {
     "websocket.connection.active": ("updowncounter", "{connection}"),
     "websocket.ping.duration": ("histogram", "s"),
     "websocket.close.count": ("counter", "{connection}"),
+    "loopguard.asgi.shed.count": ("counter", "{request}"),
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,12 @@ _monotonic = time.monotonic
 #: Task names kept per stall (``Stall.tasks``).
 MAX_TASKS = 8
 
+#: Heartbeats kept for loop_load() (a minute at the default 20 ms period).
+RECENT_HEARTBEATS = 3000
+#: Busy/idle marks kept, one every MARK_EVERY seconds (a minute).
+RECENT_MARKS = 240
+MARK_EVERY = 0.25
+
 
 class LoopWatch:
     """One watched loop: heartbeat state written by the loop, read by the sampler."""
@@ -45,10 +52,13 @@ class LoopWatch:
         "kind",
         "last_tick",
         "loop",
+        "marks",
         "native_id",
+        "next_mark",
         "ongoing",
         "pending",
         "period",
+        "recent",
         "reports",
         "running_task",
         "stats",
@@ -68,6 +78,11 @@ class LoopWatch:
         self.last_tick = _monotonic()
         self.pending: list[tuple[float, float]] = []  # (end, gap) of long gaps, loop-written
         self.delay = DelayHistogram()
+        # The recent past, for loopguard.loop_load(): each heartbeat's lateness, and
+        # every MARK_EVERY seconds the loop's busy/idle totals (when stats are on).
+        self.recent: deque[tuple[float, float]] = deque(maxlen=RECENT_HEARTBEATS)
+        self.marks: deque[tuple[float, float, float]] = deque(maxlen=RECENT_MARKS)
+        self.next_mark = 0.0
         self.handle: Any = None
         self.attached = True
         self.detached_at = 0.0
@@ -93,6 +108,11 @@ class LoopWatch:
         self.last_tick = now
         late = gap - self.period
         self.delay.record(late)
+        self.recent.append((now, late))
+        if now >= self.next_mark and self.stats is not None and self.stats.timed:
+            self.next_mark = now + MARK_EVERY
+            active, idle = self.stats.totals()
+            self.marks.append((now, active, idle))
         if self.reports:
             _record(EVENTLOOP_DELAY, late if late > 0.0 else 0.0)
         if gap >= self.threshold and len(self.pending) < 64:
