@@ -3,7 +3,8 @@
 Run under a real uvicorn by ``asgi_server.py`` (stalls as JSON lines) and
 ``prom_server.py`` (metrics to Prometheus); lines marked ``MARK:`` are asserted on.
 Between them the routes produce every metric the dashboard shows from loopguard:
-stalls, blocking calls, offloaded calls, and (under load) shed requests.
+stalls, blocking calls, offloaded calls, a guarded WebSocket receive loop (queue
+size, drops, time in queue) and (under load) shed requests.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import time
 
 from fastapi import BackgroundTasks, FastAPI, WebSocket
+from loopguard_integrations.starlette import guard_receive
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -76,6 +78,14 @@ def make_app() -> FastAPI:
     async def nap() -> dict[str, str]:
         await asyncio.sleep(0.001)
         return {"nap": "done"}
+
+    @app.websocket("/ingest")
+    async def ingest(websocket: WebSocket) -> None:
+        # A guarded receive loop with a slow consumer: queue size, drops, time in queue.
+        await websocket.accept()
+        async with guard_receive(websocket, maxsize=2, overflow="drop_oldest") as inbox:
+            async for _reading in inbox:
+                await asyncio.sleep(0.05)
 
     @app.websocket("/ws")
     async def echo(websocket: WebSocket) -> None:
