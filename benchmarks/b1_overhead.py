@@ -24,8 +24,8 @@ loopguard's modes, also in the default set: ``loopguard-precise`` (``precise=Tru
 every callback timed), ``loopguard-stats`` (``stats=True``: loop statistics),
 ``loopguard-otel`` and ``loopguard-otel-stats`` (the same with an OpenTelemetry SDK
 ``MeterProvider`` configured first, so the metrics are really aggregated), and
-``loopguard-dump`` (``gil_dump=True``: a faulthandler timer armed at each sampler
-wake). More configurations (``--configs``): ``loopguard-i50`` (interval 0.05 s),
+``loopguard-nocapture`` (``gil_dump=False``: no capture helper, to compare with the
+default, which has one). More configurations (``--configs``): ``loopguard-i50`` (interval 0.05 s),
 ``loopguard-t1`` (threshold 1 s, so the sampler wakes about once a second),
 ``timer`` (the 20 ms timer without a thread). Every configuration also
 exists as ``app+<name>``: the same, in a process that already has what a typical
@@ -104,9 +104,14 @@ CONFIGS: dict[str, ConfigSpec] = {
     "loopguard-otel-stats": ConfigSpec(
         "loopguard stats + OTel SDK", "`stats=True`, with an SDK `MeterProvider` set first"
     ),
-    "loopguard-dump": ConfigSpec(
-        "loopguard gil_dump=True",
-        "`install(log=False, gil_dump=True)`: faulthandler timer armed at each sampler wake",
+    "loopguard-instrumentor": ConfigSpec(
+        "loopguard via the OTel instrumentor",
+        "`LoopguardInstrumentor().instrument()` with SDK meter and logger providers and the "
+        "Prometheus exporter (served on a loopback port), as `opentelemetry-instrument` does",
+    ),
+    "loopguard-nocapture": ConfigSpec(
+        "loopguard gil_dump=False",
+        "`install(log=False, gil_dump=False)`: no capture helper (the default has one)",
     ),
     "asyncio-debug": ConfigSpec(
         "asyncio debug mode", "`loop.set_debug(True)`, slow_callback_duration 0.1 s", slow=True
@@ -141,7 +146,8 @@ DEFAULT_CONFIGS = (
     "loopguard-stats",
     "loopguard-otel",
     "loopguard-otel-stats",
-    "loopguard-dump",
+    "loopguard-instrumentor",
+    "loopguard-nocapture",
     "asyncio-debug",
     "aiodebug",
     "pyleak",
@@ -232,10 +238,10 @@ class Loopguard(Tool):
             "interval": self.wd.config.interval,
             "options": self.options,
         }
-        # Diagnostic only (private, may vanish): GIL-free stack dumps read so far.
-        dump = getattr(sys.modules.get("loopguard._watchdog.causes"), "DUMP", None)
-        if dump is not None and isinstance(getattr(dump, "seq", None), int):
-            facts["gil_dumps"] = dump.seq
+        # Diagnostic only (private, may vanish): captures the helper process took.
+        capture = getattr(sys.modules.get("loopguard._watchdog.capture"), "CAPTURE", None)
+        if capture is not None:
+            facts["captures"] = len(getattr(capture, "_dumps", ()))
         if self.reader is not None:  # proof the SDK pipeline really received data
             data = self.reader.get_metrics_data()
             facts["otel_metrics"] = sorted(
@@ -245,6 +251,39 @@ class Loopguard(Tool):
                 for m in sm.metrics
             )
         return facts
+
+
+class Instrumented(Loopguard):
+    """loopguard turned on by its OpenTelemetry instrumentor, over a full SDK set-up."""
+
+    def before_loop(self) -> None:
+        import os
+
+        from opentelemetry import _logs, metrics
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from opentelemetry.sdk._logs import LoggerProvider
+        from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, ConsoleLogRecordExporter
+        from opentelemetry.sdk.metrics import MeterProvider
+        from prometheus_client import start_http_server
+
+        import loopguard
+        from loopguard.otel import LoopguardInstrumentor
+
+        start_http_server(0, addr="127.0.0.1")
+        metrics.set_meter_provider(MeterProvider(metric_readers=[PrometheusMetricReader()]))
+        logs = LoggerProvider()
+        logs.add_log_record_processor(BatchLogRecordProcessor(ConsoleLogRecordExporter()))
+        _logs.set_logger_provider(logs)
+        os.environ["OTEL_PYTHON_LOOPGUARD_LOG"] = "0"
+        LoopguardInstrumentor().instrument()
+        self.wd = loopguard.current()
+
+    def info(self) -> dict[str, Any]:
+        from prometheus_client import REGISTRY, generate_latest
+
+        scrape = generate_latest(REGISTRY).decode()  # what Prometheus would get
+        series = {line.split("{")[0] for line in scrape.splitlines() if line.startswith("asyncio")}
+        return {**super().info(), "prometheus_series": sorted(series)}
 
 
 class _SlowLogCounter(logging.Handler):
@@ -344,7 +383,8 @@ TOOLS: dict[str, Callable[[], Tool]] = {
     "loopguard-stats": lambda: Loopguard(stats=True),
     "loopguard-otel": lambda: Loopguard(otel=True),
     "loopguard-otel-stats": lambda: Loopguard(otel=True, stats=True),
-    "loopguard-dump": lambda: Loopguard(gil_dump=True),
+    "loopguard-instrumentor": Instrumented,
+    "loopguard-nocapture": lambda: Loopguard(gil_dump=False),
     "loopguard-i50": lambda: Loopguard(interval=0.05),
     "loopguard-t1": lambda: Loopguard(threshold=1.0),
     "timer": lambda: IdleThread(thread=False, timer=True),
@@ -550,6 +590,25 @@ def _summaries(
     return out
 
 
+def _versus(samples: list[h.Sample], configs: Sequence[str], one: str, other: str) -> list[str]:
+    """Lines giving ``one`` against ``other`` directly, per loop (same rounds only)."""
+    if one not in configs or other not in configs:
+        return []
+
+    def baseline(key: str) -> str | None:
+        loop, config = key.split("/", 1)
+        return f"{loop}/{other}" if config == one else None
+
+    lines = [f"{CONFIGS[one].label} against {CONFIGS[other].label} (not vanilla):", ""]
+    for loop in LOOPS:
+        cells = []
+        for metric in ("wall", "cpu"):
+            ratio = h.median_ratios(samples, metric, baseline).get(f"{loop}/{one}")
+            cells.append(f"{metric} {_ratio_cell(ratio)}")
+        lines.append(f"- {loop}: {', '.join(cells)}")
+    return [*lines, ""]
+
+
 def _as_dict(ratio: h.Ratio | None) -> dict[str, Any] | None:
     return asdict(ratio) if ratio is not None else None
 
@@ -646,6 +705,7 @@ def run(opts: h.Options) -> h.Report:
         rows.append(row)
 
     table = h.markdown_table(header, rows, align="l" + "r" * (len(header) - 2) + "l")
+    versus = _versus(samples, configs, "loopguard-instrumentor", "loopguard")
     steps = max(1, round(STEPS * opts.scale))
     hops = max(1, round(HOPS * opts.scale))
     machine = h.machine_info()
@@ -659,6 +719,7 @@ def run(opts: h.Options) -> h.Report:
         "",
         table,
         "",
+        *versus,
         f"Python {machine['python']}, {machine['cpus']} CPUs.",
     ]
     if busy is not None:

@@ -20,7 +20,12 @@ The ground truth of each stall is the injected call itself, timed with
 
 Tools (``--configs``; each in a fresh interpreter per run):
 
-Every loopguard configuration runs with ``gil_dump=True`` (the opt-in GIL-free dump).
+Every loopguard configuration runs with its default capture (``gil_dump=True``: py-spy
+from a helper process names C code holding the GIL).
+
+``--classes`` (with ``--busy`` for a loaded machine, ``--crash-count N``) measures every
+stall class loopguard tells apart with its default options instead: see
+``b3_classes.py``.
 
 * ``loopguard``: ``loopguard.install(log=False)``: threshold 0.1 s, interval 0.02 s.
 * ``loopguard-fast``: ``install(threshold=0.015, interval=0.005)``.
@@ -263,8 +268,7 @@ class Loopguard(Tool):
     def before_loop(self) -> None:
         import loopguard
 
-        # The published tables name C-held-GIL and GIL-hog lines: that needs the dump.
-        loopguard.install(log=False, gil_dump=True, callback=self.on_event, **self.options)
+        loopguard.install(log=False, callback=self.on_event, **self.options)
 
     def on_event(self, event: Any) -> None:
         now = time.perf_counter()
@@ -1086,4 +1090,8 @@ def main(argv: Sequence[str]) -> int:
 if __name__ == "__main__":
     if "--child" in sys.argv[1:]:
         sys.exit(child_main(sys.argv[1:]))
+    if {"--classes", "--busy", "--crash-count"} & {a.split("=")[0] for a in sys.argv[1:]}:
+        import b3_classes
+
+        sys.exit(b3_classes.main([a for a in sys.argv[1:] if a != "--classes"]))
     sys.exit(main(sys.argv[1:]))

@@ -8,6 +8,10 @@ import sys as _sys
 from . import _offload as _offload_package
 from ._api import current as current
 from ._api import install as install
+from ._api import loop_lag as loop_lag
+from ._api import loop_load as loop_load
+from ._api import recent_stalls as recent_stalls
+from ._api import report as report
 from ._api import uninstall as uninstall
 from ._api import watch as watch
 from ._blocking import Allow as Allow
@@ -21,9 +25,11 @@ from ._offload import set_offload_limit as set_offload_limit
 from ._offload import yielding as yielding
 from ._version import __version__ as __version__
 from ._watchdog import Config as Config
+from ._watchdog import LoopLoad as LoopLoad
 from ._watchdog import LoopStatsSnapshot as LoopStatsSnapshot
 from ._watchdog import Watchdog as Watchdog
 from .events import BlockingCall as BlockingCall
+from .events import ConnectionClosed as ConnectionClosed
 from .events import Event as Event
 from .events import Frame as Frame
 from .events import GcPause as GcPause
@@ -49,12 +55,14 @@ __all__ = [
     "BlockingGuard",
     "CallbackSink",
     "Config",
+    "ConnectionClosed",
     "Event",
     "Frame",
     "GcPause",
     "Hog",
     "JsonLinesSink",
     "LoggingSink",
+    "LoopLoad",
     "LoopStatsSnapshot",
     "Offloaded",
     "RecordingSink",
@@ -68,7 +76,11 @@ __all__ = [
     "checkpoint",
     "current",
     "install",
+    "loop_lag",
+    "loop_load",
     "offload",
+    "recent_stalls",
+    "report",
     "set_offload_limit",
     "unattribute",
     "uninstall",

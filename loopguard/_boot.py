@@ -2,6 +2,12 @@
 
 Reads ``LOOPGUARD_*``, installs the process-wide watchdog, reports each stall on
 stderr as it ends and, at exit, prints a summary: stalls by culprit and loop delay.
+
+The summary is printed once per process, at interpreter exit or just before the
+process re-raises a signal that will kill it. Servers do that on Ctrl-C: uvicorn
+catches SIGINT, shuts down, then re-raises it with ``signal.raise_signal()``, and
+under gunicorn its worker's SIGINT handler is the default one, so the worker dies of
+the signal and no exit handler runs.
 """
 
 from __future__ import annotations
@@ -9,10 +15,13 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import sys
+import threading
+from typing import Any
 
 from ._api import install_config
-from ._core.frames import where
+from ._core.patch import Patch
 from ._watchdog import Config, Watchdog
 
 __all__ = ["boot", "format_summary"]
@@ -36,21 +45,58 @@ def boot() -> Watchdog | None:
         if log.level == logging.NOTSET or log.level > logging.WARNING:
             log.setLevel(logging.WARNING)
     if os.environ.get("LOOPGUARD_SUMMARY", "1") != "0":
-        atexit.register(_print_summary, wd)
+        _summary_at_exit(wd)
     return wd
 
 
-_MAX_ROWS = 20
+# Signals whose default action ends the process (and which servers re-raise).
+_FATAL = frozenset(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGQUIT", "SIGHUP")
+    if hasattr(signal, name)
+)
+_printed = threading.Event()
+_patches: list[Patch] = []
 
 
-def _capped(rows: list[str], noun: str) -> list[str]:
-    """The first rows of a summary table, and how many more there were."""
-    if len(rows) <= _MAX_ROWS:
-        return rows
-    return [*rows[:_MAX_ROWS], f"  ... {len(rows) - _MAX_ROWS} more {noun}"]
+def _summary_at_exit(wd: Watchdog) -> None:
+    """Print the summary at exit, or before a signal sent to this process kills it."""
+    atexit.register(_print_summary, wd)
+
+    def before_raise_signal(wrapped: Any, _: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
+        if _kills_this_process(args[0] if args else kwargs.get("signalnum")):
+            _print_summary(wd)
+        return wrapped(*args, **kwargs)
+
+    def before_kill(wrapped: Any, _: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
+        pid = args[0] if args else kwargs.get("pid")
+        number = args[1] if len(args) > 1 else kwargs.get("signal")
+        if pid == os.getpid() and _kills_this_process(number):
+            _print_summary(wd)
+        return wrapped(*args, **kwargs)
+
+    _patches[:] = [
+        Patch(signal, "raise_signal", before_raise_signal),
+        Patch(os, "kill", before_kill),
+    ]
+    for patch in _patches:
+        patch.activate()
+
+
+def _kills_this_process(number: object) -> bool:
+    """Whether this signal, delivered to this process now, ends it without running exit code."""
+    try:
+        return number in _FATAL and signal.getsignal(number) == signal.SIG_DFL  # type: ignore[arg-type]
+    except Exception:  # never let a check break the program's own signal handling
+        return False
 
 
 def _print_summary(wd: Watchdog) -> None:
+    if _printed.is_set():
+        return
+    _printed.set()
+    for patch in _patches:
+        patch.deactivate()
     # Stop first: a stall that ended just before exit is reported and counted.
     wd.stop()
     try:
@@ -71,32 +117,9 @@ def format_summary(wd: Watchdog) -> str:
         calls grouped by call and culprit line (when the guard reported any) and
         loop delay percentiles.
     """
-    rows = wd.summary.rows()
-    count = sum(r.count for r in rows)
-    total = sum(r.total for r in rows)
+    count, total = wd.summary.totals()
     lines = [f"loopguard summary (pid {os.getpid()}): {count} stall(s), {total:.2f} s stalled"]
-    if rows:
-        lines.append(f"  {'count':>5}  {'total':>8}  {'max':>8}  culprit")
-        lines += _capped(
-            [
-                f"  {r.count:>5}  {r.total:>7.3f}s  {r.max:>7.3f}s  "
-                + (where(r.culprit) if r.culprit else "(not sampled / other)")
-                for r in rows
-            ],
-            "culprits",
-        )
-    calls = wd.summary.call_rows()
-    if calls:
-        lines.append(f"  {sum(c.count for c in calls)} blocking call(s) on the loop thread")
-        lines.append(f"  {'count':>5}  {'total':>8}  call, culprit")
-        lines += _capped(
-            [
-                f"  {c.count:>5}  {c.total:>7.3f}s  {c.function}, "
-                + (where(c.culprit) if c.culprit else "(unknown)")
-                for c in calls
-            ],
-            "call sites",
-        )
+    lines += wd.summary.table_lines()
     delay = wd.delay()
     if delay.count:
         lines.append(

@@ -41,6 +41,11 @@ def validate_username(name: str) -> bool:
     return re.match(r"^(a+)+$", name) is not None
 
 
+def build_report() -> None:
+    """A background job in a worker thread: its C code holds the GIL, so the loop waits."""
+    re.match(r"^(a+)+$", "a" * 23 + "!")
+
+
 async def ticker(stop: asyncio.Event) -> None:
     """A healthy periodic task: it notices every stall as lateness."""
     period = 0.05
@@ -69,6 +74,8 @@ async def handle_request(kind: str) -> None:
         hash_password(b"hunter2")
     elif kind == "username":
         validate_username("a" * 24 + "!")
+    elif kind == "report":  # the loop is idle while it awaits, yet held
+        await asyncio.to_thread(build_report)
     await asyncio.sleep(0)
 
 
@@ -89,6 +96,7 @@ async def main() -> None:
         ("CPU-heavy JSON scoring in pure Python", "score"),
         ("password hashing (C code that releases the GIL)", "password"),
         ("a catastrophic regex (C code that holds the GIL)", "username"),
+        ("a report built in asyncio.to_thread (its C code holds the GIL)", "report"),
         ("the sync HTTP call again, three times (reports are rate-limited)", "profile"),
     ]
     print(

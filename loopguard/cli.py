@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from textwrap import fill
+from typing import Any
 
 from ._watchdog import ENV_PREFIX, Config, env_options
 
@@ -69,6 +70,17 @@ def _parser() -> argparse.ArgumentParser:
             run.add_argument("--" + option.name.replace("_", "-"), **kwargs)
     run.add_argument("--no-summary", action="store_true", help="print no summary at exit")
     run.add_argument(
+        "--otel",
+        action="store_true",
+        help="send metrics and stall events over OTLP/HTTP (to the OTEL_EXPORTER_OTLP_* "
+        "endpoint; needs loopguard[otel])",
+    )
+    run.add_argument(
+        "--prometheus",
+        metavar="HOST:PORT",
+        help="serve metrics for Prometheus on HOST:PORT (needs loopguard[otel])",
+    )
+    run.add_argument(
         "cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the command to run"
     )
 
@@ -80,11 +92,19 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(subparser=run)
     demo.set_defaults(subparser=demo)
     demo.add_argument("--json", metavar="FILE", default=None, help="also write events to FILE")
+    demo.add_argument(
+        "scenario",
+        nargs="?",
+        choices=["websocket"],
+        help="`websocket`: a WebSocket receive loop that falls behind, then guard_receive "
+        "(needs the websockets package; about 25 s)",
+    )
 
     report = sub.add_parser(
         "report",
         help="summarise a JSON-lines file written by `loopguard run --json`",
-        description="Group the stalls of a --json file by culprit.",
+        description="Group the stalls of a --json file by culprit and its blocking calls by "
+        "call and line, as the summary at exit does.",
     )
     report.add_argument("file", help="the JSON-lines file")
     report.set_defaults(subparser=report)
@@ -117,7 +137,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("missing the command to run (loopguard run [OPTIONS] -- CMD [ARGS...])")
     env = dict(os.environ)
     given = {o.name: getattr(args, o.name) for o in env_options() if o.cli is not None}
-    given = {name: value for name, value in given.items() if value not in (None, False)}
+    given = {name: value for name, value in given.items() if value is not None}
     if "json" in given:
         path = Path(given["json"]).resolve()
         try:
@@ -131,13 +151,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except ValueError as exc:
         parser.error(f"{exc}")
     for name, value in given.items():
-        if value is True:
-            value = "1"
+        if isinstance(value, bool):
+            value = "1" if value else "0"
         elif isinstance(value, list):
             value = " ".join(value)
         env[ENV_PREFIX + name.upper()] = str(value)
     if args.no_summary:
         env[ENV_PREFIX + "SUMMARY"] = "0"
+    env.update(_otel_outputs(parser, args))
     try:
         Config.from_env(env)
     except ValueError as exc:
@@ -154,18 +175,48 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     os.execve(exe, cmd, env)
 
 
+def _otel_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
+    """The variables that ask the started processes for OpenTelemetry outputs."""
+    if not (args.otel or args.prometheus):
+        return {}
+    try:
+        from . import otel
+    except ImportError as exc:
+        parser.error(f"--otel and --prometheus need loopguard[otel] ({exc})")
+    out = {}
+    if args.otel:
+        out[ENV_PREFIX + "OTEL"] = "1"
+    if args.prometheus:
+        try:
+            otel.host_port(args.prometheus)
+        except ValueError as exc:
+            parser.error(f"--prometheus: {exc}")
+        out[ENV_PREFIX + "PROMETHEUS"] = args.prometheus
+    return out
+
+
 def _demo(args: argparse.Namespace) -> int:
-    # The demo process is never paused, so it can show the GIL-free dump at work.
-    run = [sys.executable, "-m", "loopguard", "run", "--gil-dump"]
+    run = [sys.executable, "-m", "loopguard", "run"]
     if args.json:
         run += ["--json", args.json]
-    run += ["--", sys.executable, "-m", "loopguard._demo"]
+    module = "loopguard._demo"
+    if getattr(args, "scenario", None) == "websocket":
+        # Framework code lives in loopguard_integrations; loopguard only starts it.
+        import importlib.util
+
+        if any(
+            importlib.util.find_spec(m) is None for m in ("websockets", "loopguard_integrations")
+        ):
+            sys.stderr.write("loopguard demo websocket needs the websockets package\n")
+            return 2
+        module = "loopguard_integrations.demo_websocket"
+        run.remove("--gil-dump")  # two processes and threads: keep the demo crash-free
+    run += ["--", sys.executable, "-m", module]
     return subprocess.call(run)
 
 
 def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from ._watchdog import StallSummary
-    from .events import Frame, Stall
 
     summary = StallSummary(max_culprits=1000)
     kinds: dict[str, int] = {}
@@ -176,29 +227,47 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     continue
                 try:
                     data = json.loads(line)
-                except json.JSONDecodeError:
-                    parser.error(f"{args.file}:{number} is not a JSON line")
-                kind = data.get("kind", "?")
+                    kind = data.get("kind", "?")
+                    event = _event_of(kind, data)
+                except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+                    parser.error(f"{args.file}:{number} is not a loopguard JSON line")
                 kinds[kind] = kinds.get(kind, 0) + 1
-                if kind == "stall":
-                    c = data.get("culprit")
-                    summary.emit(
-                        Stall(
-                            started_at=data.get("started_at", 0.0),
-                            duration=float(data.get("duration", 0.0)),
-                            cause=data.get("cause", ""),
-                            task=data.get("task"),
-                            culprit=Frame(c["file"], c["line"], c["function"]) if c else None,
-                        )
-                    )
+                if event is not None:
+                    summary.emit(event)
     except OSError as exc:
         parser.error(f"cannot read {args.file!r}: {exc.strerror or exc}")
     counts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no events"
     print(f"{args.file}: {counts}")
-    rows = summary.rows()
-    if rows:
-        print(f"  {'count':>5}  {'total':>8}  {'max':>8}  culprit")
-        for r in rows:
-            where = str(r.culprit) if r.culprit else "(not sampled)"
-            print(f"  {r.count:>5}  {r.total:>7.3f}s  {r.max:>7.3f}s  {where}")
+    for line in summary.table_lines(max_rows=1000):
+        print(line)
     return 0
+
+
+def _event_of(kind: str, data: dict[str, Any]) -> object:
+    """The event a JSON line holds, as far as a summary needs it (stalls, blocking calls)."""
+    from .events import BlockingCall, Frame, Stall
+
+    def frame(value: object) -> Frame | None:
+        if not isinstance(value, dict):
+            return None
+        return Frame(str(value["file"]), int(value["line"]), str(value["function"]))
+
+    if kind == "stall":
+        return Stall(
+            started_at=float(data.get("started_at", 0.0)),
+            duration=float(data.get("duration", 0.0)),
+            cause=str(data.get("cause", "")),
+            task=data.get("task"),
+            culprit=frame(data.get("culprit")),
+        )
+    if kind == "blocking_call":
+        return BlockingCall(
+            function=str(data["function"]),
+            duration=float(data.get("duration", 0.0)),
+            task=data.get("task"),
+            stack=(),
+            action=str(data.get("action", "")),
+            culprit=frame(data.get("culprit")),
+            suppressed=int(data.get("suppressed", 0)),
+        )
+    return None

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 __all__ = [
     "BlockingCall",
+    "ConnectionClosed",
     "Event",
     "Frame",
     "GcPause",
@@ -97,12 +99,18 @@ class Stall(Event):
             code or waited in a call that releases the GIL (sleep, I/O, a lock);
             samples name the line. ``"c-held-gil"``: the loop thread ran C code that
             held the GIL (a catastrophic regex, a C extension); the line that called
-            into C comes from a traceback dump that needs no GIL. ``"gil"``: the
+            into C comes from a capture of the process read from outside it
+            (py-spy, from a helper process). ``"gil"``: the
             loop was idle but could not run because another thread held the GIL;
             :attr:`hog` names that thread. ``"gc"``: the garbage collector ran for
             most of the stall (:attr:`gc` says which generation and how much it
-            freed); the line that was running merely triggered it. ``"unknown"``:
-            the loop was late but nothing could be observed.
+            freed); the line that was running merely triggered it. ``"import"``:
+            module-level code ran inside the running loop (an application imported
+            by its server after the loop started); :attr:`culprit` is the module's
+            line; summaries keep it apart from user stalls. ``"scheduler"``: the
+            loop was idle and no thread held the GIL: the operating system did not
+            run the process (a busy machine, a CPU quota, a paused process).
+            ``"unknown"``: the loop was late but nothing could be observed.
         task: Name of the task that was running on the loop, when known.
         culprit: The deepest frame of user code in the most sampled stack: the
             line that held the loop. ``None`` when nothing was sampled.
@@ -120,6 +128,13 @@ class Stall(Event):
             for most of the stall, when the blocking-call guard reported that call
             (as a :class:`BlockingCall`): one incident, two views of it. Log output
             shows it once.
+        tasks: Every task seen running on the loop during the stall, in the order
+            seen (at most 8). When more than one ran, :attr:`task` is ``None``: no
+            single task held the loop.
+        capture_error: Why the line is missing, for a stall whose cause needed a
+            capture from outside the process (``c-held-gil``, ``gil``) that could not
+            be read: py-spy not installed, the kernel refused the read, another OS,
+            or the stall ended before a capture. ``None`` when nothing is missing.
     """
 
     kind: ClassVar[str] = "stall"
@@ -138,6 +153,8 @@ class Stall(Event):
     loop_cpu: float | None = None
     gc: GcPause | None = None
     blocking_call: str | None = None
+    tasks: tuple[str, ...] = ()
+    capture_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +273,8 @@ class BlockingCall(Event):
         loop: Kind of loop: ``"asyncio"``, ``"uvloop"`` or ``"trio"``.
         suppressed: Calls from the same line not reported as events since the
             previous event from it (per-site rate limit; ``0`` when none).
+        attributes: Values of the context variables registered with
+            :func:`loopguard.attribute`, read in the task that made the call.
     """
 
     kind: ClassVar[str] = "blocking_call"
@@ -269,6 +288,7 @@ class BlockingCall(Event):
     thread: str = ""
     loop: str = "asyncio"
     suppressed: int = 0
+    attributes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -301,3 +321,75 @@ class SlowCallback(Event):
         task = f" in task {self.task!r}" if self.task else ""
         where = f" ({short_path(self.culprit.file)}:{self.culprit.line})" if self.culprit else ""
         return f"slow callback: {self.callback}{where} ran {self.duration * 1000:.0f} ms{task}"
+
+
+@dataclass(frozen=True)
+class ConnectionClosed(Event):
+    """A guarded WebSocket connection was closed for a reason worth explaining.
+
+    Reported by ``loopguard_integrations`` (``guard_receive``) when a connection ends
+    by keepalive timeout (1011), by its overflow policy (1013), by a message over
+    ``max_bytes`` (1009) or by its idle timeout; never for an ordinary close by the
+    peer. It says what the receive queue looked like at that moment and, when the
+    event loop was stalled during the last ping window, which line held it: a
+    keepalive close is often the loop's fault, not the network's.
+
+    Attributes:
+        code: The WebSocket close code (1011, 1013, 1009, or the idle timeout's 1000).
+        reason: Why: ``"keepalive"`` (no pong in time), ``"overflow"`` (queue full
+            under ``overflow="close"``), ``"too_large"`` (a message over
+            ``max_bytes``) or ``"idle"`` (no message for ``idle_timeout`` seconds).
+        route: The route template of the connection, when known.
+        depth: Messages in the receive queue when it closed.
+        maxsize: The queue's capacity in messages.
+        full_since: Wall-clock time (epoch seconds) since which the queue had been
+            full, or ``None`` when it was not full.
+        delivered: Messages handed to the consumer so far.
+        dropped: Messages dropped so far (every reason).
+        lag: Age of the oldest queued message, in seconds (0 when empty).
+        ping_rtt: The last measured ping round trip, in seconds, when known.
+        stall: The longest stall of the event loop during the last ping window (or
+            the last ``window`` seconds), if any: its culprit line.
+        stall_duration: That stall's duration in seconds.
+    """
+
+    kind: ClassVar[str] = "connection_closed"
+
+    code: int
+    reason: str
+    route: str | None = None
+    depth: int = 0
+    maxsize: int = 0
+    full_since: float | None = None
+    delivered: int = 0
+    dropped: int = 0
+    lag: float = 0.0
+    ping_rtt: float | None = None
+    stall: Frame | None = None
+    stall_duration: float | None = None
+
+    def __str__(self) -> str:
+        why = {
+            "keepalive": "no pong within the keepalive timeout",
+            "overflow": "receive queue full (overflow='close')",
+            "too_large": "a message over max_bytes",
+            "idle": "no message within the idle timeout",
+        }.get(self.reason, self.reason)
+        route = f" on {self.route}" if self.route else ""
+        full = ""
+        if self.full_since is not None:
+            full = f", full for {max(0.0, time.time() - self.full_since):.1f} s"
+        text = (
+            f"WebSocket{route} closed with {self.code} ({why}): queue {self.depth}/{self.maxsize}"
+            f"{full}, oldest waiting {self.lag * 1000:.0f} ms, {self.delivered} delivered, "
+            f"{self.dropped} dropped"
+        )
+        if self.ping_rtt is not None:
+            text += f", last ping {self.ping_rtt * 1000:.1f} ms"
+        if self.stall is not None:
+            took = f" for {self.stall_duration * 1000:.0f} ms" if self.stall_duration else ""
+            text += (
+                f"; the event loop was blocked{took} by "
+                f"{short_path(self.stall.file)}:{self.stall.line} in {self.stall.function}"
+            )
+        return text

@@ -31,25 +31,37 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace as otel_trace
+from opentelemetry.context import Context
 
 __all__ = [
     "ASYNCIO_BLOCKING_CALLS",
+    "BLOCKING_CALL_ACTION",
+    "BLOCKING_CALL_FUNCTION",
     "EVENTLOOP_DELAY",
     "EVENTLOOP_PENDING_CALLBACKS",
     "EVENTLOOP_SLOW_CALLBACKS",
     "EVENTLOOP_STALLS",
+    "EVENTLOOP_STALL_CAUSE",
     "EVENTLOOP_STALL_DURATION",
+    "EVENTLOOP_STATE",
     "EVENTLOOP_TASKS",
     "EVENTLOOP_TIME",
     "EVENTLOOP_UTILIZATION",
     "METER_NAME",
     "OFFLOAD_ACTIVE",
+    "OFFLOAD_FUNCTION",
+    "OFFLOAD_MODE",
     "OFFLOAD_RUN_DURATION",
     "OFFLOAD_WAIT_DURATION",
     "SPECS",
-    "WEBSOCKET_CONNECTIONS",
-    "WEBSOCKET_PING_RTT",
+    "ASGI_SHED",
+    "ASGI_SHED_REASON",
+    "WEBSOCKET_CLOSES",
+    "WEBSOCKET_CONNECTION_ACTIVE",
+    "WEBSOCKET_PING_DURATION",
     "WEBSOCKET_PROCESS_DURATION",
+    "WEBSOCKET_RECEIVE_LAG",
     "WEBSOCKET_RECEIVE_MESSAGES",
     "WEBSOCKET_RECEIVE_QUEUE_CAPACITY",
     "WEBSOCKET_RECEIVE_QUEUE_SIZE",
@@ -69,6 +81,7 @@ __all__ = [
     "instrument",
     "observe",
     "record",
+    "trace_context",
     "use_meter_provider",
 ]
 
@@ -84,35 +97,48 @@ InstrumentKind = Literal["counter", "updowncounter", "histogram", "gauge"]
 EVENTLOOP_DELAY = "asyncio.eventloop.delay"
 EVENTLOOP_UTILIZATION = "asyncio.eventloop.utilization"
 EVENTLOOP_TIME = "asyncio.eventloop.time"
-EVENTLOOP_STALLS = "asyncio.eventloop.stalls"
+EVENTLOOP_STALLS = "asyncio.eventloop.stall.count"
 EVENTLOOP_STALL_DURATION = "asyncio.eventloop.stall.duration"
-EVENTLOOP_SLOW_CALLBACKS = "asyncio.eventloop.slow_callbacks"
-EVENTLOOP_PENDING_CALLBACKS = "asyncio.eventloop.pending_callbacks"
-EVENTLOOP_TASKS = "asyncio.eventloop.tasks"
-ASYNCIO_BLOCKING_CALLS = "asyncio.blocking_calls"
+EVENTLOOP_SLOW_CALLBACKS = "asyncio.eventloop.slow_callback.count"
+EVENTLOOP_PENDING_CALLBACKS = "asyncio.eventloop.callback.pending"
+EVENTLOOP_TASKS = "asyncio.eventloop.task.count"
+ASYNCIO_BLOCKING_CALLS = "asyncio.blocking_call.count"
 # Offload.
 OFFLOAD_WAIT_DURATION = "loopguard.offload.wait.duration"
 OFFLOAD_RUN_DURATION = "loopguard.offload.run.duration"
 OFFLOAD_ACTIVE = "loopguard.offload.active"
-# Guarded WebSocket receive.
+# Attribute keys, each under its metric's namespace (OpenTelemetry naming rules).
+EVENTLOOP_STATE = "asyncio.eventloop.state"
+EVENTLOOP_STALL_CAUSE = "asyncio.eventloop.stall.cause"
+BLOCKING_CALL_FUNCTION = "asyncio.blocking_call.function"
+BLOCKING_CALL_ACTION = "asyncio.blocking_call.action"
+OFFLOAD_MODE = "loopguard.offload.mode"
+OFFLOAD_FUNCTION = "loopguard.offload.function"
+# Guarded WebSocket receive (loopguard_integrations): every attribute is under the
+# metric's namespace or a registered one (http.route, error.type), values bounded.
 WEBSOCKET_RECEIVE_QUEUE_SIZE = "websocket.receive.queue.size"
 WEBSOCKET_RECEIVE_QUEUE_CAPACITY = "websocket.receive.queue.capacity"
 WEBSOCKET_RECEIVE_TIME_IN_QUEUE = "websocket.receive.time_in_queue"
-WEBSOCKET_RECEIVE_MESSAGES = "websocket.receive.messages"
+WEBSOCKET_RECEIVE_MESSAGES = "websocket.receive.message.count"
+WEBSOCKET_RECEIVE_LAG = "websocket.receive.lag"
 WEBSOCKET_PROCESS_DURATION = "websocket.process.duration"
-WEBSOCKET_CONNECTIONS = "websocket.connections"
-WEBSOCKET_PING_RTT = "websocket.ping.rtt"
+WEBSOCKET_CONNECTION_ACTIVE = "websocket.connection.active"
+WEBSOCKET_PING_DURATION = "websocket.ping.duration"
+WEBSOCKET_CLOSES = "websocket.close.count"
+# ASGI middleware (loopguard_integrations.asgi): load shedding.
+ASGI_SHED = "loopguard.asgi.shed.count"
+ASGI_SHED_REASON = "loopguard.asgi.shed.reason"  # "delay" or "utilization"
 # Broadcast (loopguard_integrations.broadcast).
 BROADCAST_SUBSCRIBER_COUNT = "broadcast.subscriber.count"
 BROADCAST_MEMBER_COUNT = "broadcast.group.member.count"
 BROADCAST_QUEUE_SIZE = "broadcast.queue.size"
-BROADCAST_MESSAGES = "broadcast.messages"
-BROADCAST_EVICTIONS = "broadcast.evictions"
+BROADCAST_MESSAGES = "broadcast.message.count"
+BROADCAST_EVICTIONS = "broadcast.eviction.count"
 BROADCAST_FANOUT_DURATION = "broadcast.fanout.duration"
 BROADCAST_BACKPLANE_LAG = "broadcast.backplane.lag"
-BROADCAST_BACKPLANE_RECONNECTS = "broadcast.backplane.reconnects"
-BROADCAST_BACKPLANE_ERRORS = "broadcast.backplane.errors"
-BROADCAST_BACKPLANE_LOST = "broadcast.backplane.lost"
+BROADCAST_BACKPLANE_RECONNECTS = "broadcast.backplane.reconnect.count"
+BROADCAST_BACKPLANE_ERRORS = "broadcast.backplane.error.count"
+BROADCAST_BACKPLANE_LOST = "broadcast.backplane.lost.count"
 
 # Bucket advice for histograms in seconds. The SDK's default boundaries (0, 5, 10,
 # 25, ... 10000) suit milliseconds and would put every loop delay in one bucket.
@@ -162,7 +188,9 @@ class MetricSpec:
     buckets: tuple[float, ...] | None = None
 
 
-_OFFLOAD_ATTRIBUTES = ("mode", "function")
+_OFFLOAD_ATTRIBUTES = (OFFLOAD_MODE, OFFLOAD_FUNCTION)
+# The route template (never the raw path): the only attribute every WebSocket metric has.
+_WEBSOCKET_ATTRIBUTES = ("http.route",)
 
 SPECS: Mapping[str, MetricSpec] = MappingProxyType(
     {
@@ -186,14 +214,14 @@ SPECS: Mapping[str, MetricSpec] = MappingProxyType(
                 "counter",
                 "s",
                 "Time the event loop spent active (running callbacks) or idle (waiting).",
-                attributes=("state",),
+                attributes=(EVENTLOOP_STATE,),
             ),
             MetricSpec(
                 EVENTLOOP_STALLS,
                 "counter",
                 "{stall}",
                 "Stalls: the loop was held for at least the threshold.",
-                attributes=("cause",),
+                attributes=(EVENTLOOP_STALL_CAUSE,),
             ),
             MetricSpec(
                 EVENTLOOP_STALL_DURATION,
@@ -220,7 +248,7 @@ SPECS: Mapping[str, MetricSpec] = MappingProxyType(
                 "counter",
                 "{call}",
                 "Blocking calls made on the event loop thread, by catalogued function.",
-                attributes=("function", "action"),
+                attributes=(BLOCKING_CALL_FUNCTION, BLOCKING_CALL_ACTION),
             ),
             MetricSpec(
                 OFFLOAD_WAIT_DURATION,
@@ -249,47 +277,82 @@ SPECS: Mapping[str, MetricSpec] = MappingProxyType(
                 WEBSOCKET_RECEIVE_QUEUE_SIZE,
                 "updowncounter",
                 "{message}",
-                "Messages received and queued, not yet taken by a consumer.",
+                "Messages received and queued, not yet taken by the consumer.",
+                attributes=_WEBSOCKET_ATTRIBUTES,
             ),
             MetricSpec(
                 WEBSOCKET_RECEIVE_QUEUE_CAPACITY,
                 "updowncounter",
                 "{message}",
-                "Capacity of the receive queues.",
+                "Messages the receive queues of the open connections can hold (maxsize).",
+                attributes=_WEBSOCKET_ATTRIBUTES,
             ),
             MetricSpec(
                 WEBSOCKET_RECEIVE_TIME_IN_QUEUE,
                 "histogram",
                 "s",
-                "Time a received message waited in the queue before a consumer took it.",
+                "Time a received message waited in the queue before the consumer took it.",
+                attributes=_WEBSOCKET_ATTRIBUTES,
                 buckets=_CALL_BUCKETS,
             ),
             MetricSpec(
                 WEBSOCKET_RECEIVE_MESSAGES,
                 "counter",
                 "{message}",
-                "Messages received, by outcome (delivered or dropped).",
-                attributes=("outcome",),
+                "Messages received, by outcome (delivered or dropped, with the reason).",
+                attributes=(
+                    *_WEBSOCKET_ATTRIBUTES,
+                    "websocket.receive.message.outcome",
+                    "error.type",
+                ),
+            ),
+            MetricSpec(
+                WEBSOCKET_RECEIVE_LAG,
+                "gauge",
+                "s",
+                "Age of the oldest message still queued: how far the consumer is behind.",
+                attributes=_WEBSOCKET_ATTRIBUTES,
             ),
             MetricSpec(
                 WEBSOCKET_PROCESS_DURATION,
                 "histogram",
                 "s",
-                "Time a consumer spent processing one message.",
+                "Time the consumer spent on one message (or one batch) before asking for more.",
+                attributes=_WEBSOCKET_ATTRIBUTES,
                 buckets=_CALL_BUCKETS,
             ),
             MetricSpec(
-                WEBSOCKET_CONNECTIONS,
+                WEBSOCKET_CONNECTION_ACTIVE,
                 "updowncounter",
                 "{connection}",
-                "Open WebSocket connections.",
+                "Guarded WebSocket connections open now.",
+                attributes=_WEBSOCKET_ATTRIBUTES,
             ),
             MetricSpec(
-                WEBSOCKET_PING_RTT,
+                WEBSOCKET_PING_DURATION,
                 "histogram",
                 "s",
-                "Round-trip time of WebSocket pings.",
+                "Round-trip time of WebSocket pings (ping sent to pong received).",
+                attributes=_WEBSOCKET_ATTRIBUTES,
                 buckets=_CALL_BUCKETS,
+            ),
+            MetricSpec(
+                WEBSOCKET_CLOSES,
+                "counter",
+                "{connection}",
+                "Guarded connections closed, by close code and by why they closed.",
+                attributes=(
+                    *_WEBSOCKET_ATTRIBUTES,
+                    "websocket.close.code",
+                    "websocket.close.reason",
+                ),
+            ),
+            MetricSpec(
+                ASGI_SHED,
+                "counter",
+                "{request}",
+                "Requests refused with 503 by the ASGI middleware's load shedding.",
+                attributes=(ASGI_SHED_REASON,),
             ),
             # Broadcast.
             MetricSpec(
@@ -309,21 +372,25 @@ SPECS: Mapping[str, MetricSpec] = MappingProxyType(
                 "updowncounter",
                 "{message}",
                 "Messages queued for subscribers or connections, not yet read or sent.",
-                attributes=("broadcast.target",),
+                attributes=("broadcast.queue.target",),
             ),
             MetricSpec(
                 BROADCAST_MESSAGES,
                 "counter",
                 "{message}",
                 "Messages handed to subscribers or connections, by outcome and drop reason.",
-                attributes=("broadcast.target", "broadcast.outcome", "broadcast.drop.reason"),
+                attributes=(
+                    "broadcast.message.target",
+                    "broadcast.message.outcome",
+                    "broadcast.message.drop_reason",
+                ),
             ),
             MetricSpec(
                 BROADCAST_EVICTIONS,
                 "counter",
                 "{eviction}",
                 "Subscribers or connections closed for falling behind, by reason.",
-                attributes=("broadcast.target", "broadcast.eviction.reason"),
+                attributes=("broadcast.eviction.target", "broadcast.eviction.reason"),
             ),
             MetricSpec(
                 BROADCAST_FANOUT_DURATION,
@@ -472,7 +539,9 @@ def _reporter(name: str) -> Callable[..., None]:
     return report
 
 
-def record(name: str, value: float, attributes: Attributes | None = None) -> None:
+def record(
+    name: str, value: float, attributes: Attributes | None = None, context: Context | None = None
+) -> None:
     """Report one value to a synchronous instrument; never raises.
 
     Adds to a counter or up-down counter, records into a histogram, sets a gauge.
@@ -481,12 +550,50 @@ def record(name: str, value: float, attributes: Attributes | None = None) -> Non
         name: One of the names in :data:`SPECS`.
         value: The value (an increment for counters).
         attributes: Attributes, with keys from the metric's spec only.
+        context: The OpenTelemetry context the value belongs to (its span becomes
+            the exemplar's); ``None``: the calling thread's current context.
     """
     try:
         report = _reporters.get(name) or _reporter(name)
-        report(value, attributes)
+        if context is None:
+            report(value, attributes)
+        else:
+            report(value, attributes, context)
     except Exception:
         _fail(name)
+
+
+def trace_context(traceparent: str | None) -> Context | None:
+    """The OpenTelemetry context of a span given in W3C ``traceparent`` form.
+
+    Events carry the trace context of the task they blocked as text (see
+    :mod:`loopguard.otel`); this turns it back into a context to record a value or
+    emit a log record in, without the span object itself.
+
+    Args:
+        traceparent: ``"00-<trace id>-<span id>-<flags>"``, or ``None``.
+
+    Returns:
+        A context whose current span is a non-recording span with that trace id,
+        span id and flags; ``None`` when there is none or the text is malformed.
+    """
+    if not traceparent:
+        return None
+    try:
+        _, trace_id, span_id, flags = traceparent.split("-")
+        span = otel_trace.NonRecordingSpan(
+            otel_trace.SpanContext(
+                int(trace_id, 16),
+                int(span_id, 16),
+                is_remote=False,
+                trace_flags=otel_trace.TraceFlags(int(flags, 16)),
+            )
+        )
+        if not span.get_span_context().is_valid:
+            return None
+        return otel_trace.set_span_in_context(span)
+    except Exception:
+        return None
 
 
 def observe(name: str, callback: ObservableCallback | None) -> None:

@@ -458,6 +458,8 @@ class LoopguardPlugin:
         for stall in stalls:
             if stall.cause == "gc" and settings.gc != "fail":
                 noted.append(("gc", stall))
+            elif stall.cause == "scheduler":  # the machine, not the code: no CPU was free
+                noted.append(("scheduler", stall))
             elif stall.cause == "gil" and stall.hog is not None and stall.hog.thread == test_thread:
                 # A loop in another thread (a TestClient's portal) waited while the test
                 # itself held the GIL: the test's own work, not the code on the loop.
@@ -468,8 +470,11 @@ class LoopguardPlugin:
                 failing_stalls.append(stall)
         stalls = failing_stalls
         pending, self._pending = self._pending, []
+        full = self.config.get_verbosity() >= 2  # -vv: every frame of every stack
         if noted:
-            text = "\n".join(f"[{why}] {describe(trimmed([e]))}" for why, e in noted)
+            text = "\n".join(
+                f"[{why}] {describe(trimmed([e]), full_stacks=full)}" for why, e in noted
+            )
             report.sections.append((_WARN_SECTION, text))
         problems = [*failing_calls, *stalls]
         if not problems and not pending:
@@ -479,7 +484,7 @@ class LoopguardPlugin:
         if stalls:
             head += f" (stall threshold {settings.threshold * 1000:.0f} ms)"
         head += ":"
-        parts = [head, describe(trimmed(problems))] if problems else []
+        parts = [head, describe(trimmed(problems), full_stacks=full)] if problems else []
         if pending:
             parts.extend(pending)
         text = "\n".join(p for p in parts if p)

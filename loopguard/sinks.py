@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
-from ._core.frames import PLUMBING, classify, own_part
+from ._core.frames import USER, classify, display_path, own_part
 from ._core.frames import where as _where
 from .events import BlockingCall, Event, Frame, Stall
 
@@ -43,16 +43,24 @@ class Sink(Protocol):
         """Handle one event."""
 
 
-def format_stall(stall: Stall, *, max_frames: int = 12) -> str:
+MAX_FRAMES = 12
+"""Lines of a stack shown at most in a report (the culprit's line is always among them)."""
+
+
+def format_stall(stall: Stall, *, max_frames: int = MAX_FRAMES, full_stacks: bool = False) -> str:
     """Render a stall for humans: the culprit first, then the most sampled stack.
 
-    Frames of the event loop, the standard library and loopguard above the culprit
-    are folded into one line; frames below the culprit (what it was calling) are
-    shown. Paths under the current directory are shown relative to it.
+    The culprit's frame is always shown, however deep the stack. Around it, frames of
+    the user's code are shown; runs of other frames (the event loop, the standard
+    library, installed packages, loopguard) are folded into one line that names their
+    packages, except the call the culprit made and the innermost frame. Paths are
+    shortened (see :func:`loopguard._core.frames.display_path`).
 
     Args:
         stall: The stall to describe.
-        max_frames: How many frames of the stack to show at most.
+        max_frames: How many lines of the stack to show at most (the culprit's is
+            kept whatever this says).
+        full_stacks: Show every frame, unfolded and uncapped.
 
     Returns:
         A multi-line string without a trailing newline.
@@ -81,13 +89,17 @@ def format_stall(stall: Stall, *, max_frames: int = 12) -> str:
     if stall.hog is not None and stall.hog.frames:
         lines.append(f"  thread {stall.hog.thread!r}, innermost last:")
         lines.extend(
-            f"    {text}" for text in _stack_lines(stall.hog.frames, stall.culprit, max_frames)
+            f"    {text}"
+            for text in stack_lines(stall.hog.frames, stall.culprit, max_frames, full_stacks)
         )
     elif stall.stacks:
         top = stall.stacks[0]
         seen = f"{top.count} of {stall.samples} samples" if stall.samples else "traceback dump"
         lines.append(f"  stack ({seen}), innermost last:")
-        lines.extend(f"    {text}" for text in _stack_lines(top.frames, stall.culprit, max_frames))
+        lines.extend(
+            f"    {text}"
+            for text in stack_lines(top.frames, stall.culprit, max_frames, full_stacks)
+        )
     return "\n".join(lines)
 
 
@@ -101,24 +113,82 @@ def _gc_text(stall: Stall) -> str:
     )
 
 
-def _stack_lines(frames: tuple[Frame, ...], culprit: Frame | None, limit: int) -> list[str]:
+def stack_lines(
+    frames: tuple[Frame, ...],
+    culprit: Frame | None,
+    max_frames: int = MAX_FRAMES,
+    full_stacks: bool = False,
+) -> list[str]:
+    """The lines that show a stack (innermost last) around its culprit.
+
+    See :func:`format_stall` for what is shown and folded.
+    """
     # The blocking-call guard's own frames under a call it checked say nothing.
     while len(frames) > 1 and own_part(frames[-1].file) in ("_blocking", "_core"):
         frames = frames[:-1]
     cut = frames.index(culprit) if culprit in frames else len(frames) - 1
+    mark = "   <-- culprit" if culprit is not None else ""
+    if full_stacks:
+        return [_where(f) + (mark if i == cut else "") for i, f in enumerate(frames)]
+    last = len(frames) - 1
     out: list[str] = []
-    hidden = 0
+    folded: list[Frame] = []
+    culprit_line = 0
     for i, frame in enumerate(frames):
-        if i < cut and classify(frame.file) == PLUMBING:
-            hidden += 1
+        shown = i == cut or (cut < i and i in (cut + 1, last)) or classify(frame.file) == USER
+        if not shown:
+            folded.append(frame)
             continue
-        if hidden:
-            out.append(f"... {hidden} frame(s) of the event loop / stdlib / loopguard")
-            hidden = 0
-        out.append(_where(frame) + ("   <-- culprit" if i == cut and culprit else ""))
-    if len(out) > limit:
-        out = [f"... {len(out) - limit} more frame(s)", *out[-limit:]]
-    return out
+        if folded:
+            out.append(_folded(folded))
+            folded = []
+        if i == cut:
+            culprit_line = len(out)
+        out.append(_where(frame) + (mark if i == cut else ""))
+    if folded:
+        out.append(_folded(folded))
+    return _capped(out, culprit_line, max(max_frames, 2))
+
+
+def _folded(frames: list[Frame]) -> str:
+    """One line standing for a run of frames that are not the user's: their packages."""
+    names: list[str] = []
+    for frame in frames:
+        name = _package(frame.file)
+        if name not in names:
+            names.append(name)
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return f"... {len(frames)} frame(s) in {shown}"
+
+
+def _package(file: str) -> str:
+    if own_part(file) is not None:
+        return "loopguard"
+    if file.startswith("<frozen "):
+        return file[len("<frozen ") :].rstrip(">").split(".")[0]
+    path = display_path(file)
+    if os.path.isabs(path) or path.startswith("<"):
+        return os.path.basename(path)
+    top = path.split(os.sep, 1)[0]
+    return top[:-3] if top.endswith(".py") else top
+
+
+def _capped(lines: list[str], keep: int, limit: int) -> list[str]:
+    """At most ``limit`` lines (and one saying how many are left out), ``lines[keep]`` kept.
+
+    Lines are left out from the outermost end first, then just below the kept line.
+    """
+    if len(lines) <= limit:
+        return lines
+    extra = len(lines) - (limit - 1)  # one line says what was left out
+    front = min(extra, keep)
+    rest = lines[front:]
+    keep -= front
+    back = extra - front
+    if back:
+        rest = rest[: keep + 1] + rest[keep + 1 + back :]
+        return [*rest[: keep + 1], f"... {extra} more line(s) of the stack", *rest[keep + 1 :]]
+    return [f"... {extra} more line(s) of the stack", *rest]
 
 
 class LoggingSink:
@@ -135,6 +205,7 @@ class LoggingSink:
         window: Seconds over which a culprit's reports are limited.
         repeats: Short lines per culprit per window after the full report.
         max_culprits: Culprits remembered for rate limiting.
+        full_stacks: Show every frame of a stack, unfolded and uncapped.
     """
 
     def __init__(
@@ -144,8 +215,10 @@ class LoggingSink:
         window: float = 60.0,
         repeats: int = 3,
         max_culprits: int = 1000,
+        full_stacks: bool = False,
     ) -> None:
         self.logger = logger or logging.getLogger("loopguard")
+        self.full_stacks = full_stacks
         self.window = window
         self.repeats = repeats
         self.max_culprits = max_culprits
@@ -178,7 +251,7 @@ class LoggingSink:
             self._seen.move_to_end(key)
             while len(self._seen) > self.max_culprits:
                 self._seen.popitem(last=False)
-            self.logger.warning("%s%s", format_stall(event), left_out)
+            self.logger.warning("%s%s", format_stall(event, full_stacks=self.full_stacks), left_out)
             return
         self._seen.move_to_end(key)
         rate.count += 1
@@ -220,7 +293,7 @@ class LoggingSink:
                 seen.move_to_end(key)
                 while len(seen) > self.max_culprits:
                     seen.popitem(last=False)
-                text = format_blocking_call(event)
+                text = format_blocking_call(event, full_stacks=self.full_stacks)
                 if dropped:
                     text += f"\n  (+{dropped} more calls here not logged)"
                 self.logger.warning("%s", text)
@@ -246,12 +319,17 @@ class LoggingSink:
             )
 
 
-def format_blocking_call(call: BlockingCall, *, max_frames: int = 12) -> str:
+def format_blocking_call(
+    call: BlockingCall, *, max_frames: int = MAX_FRAMES, full_stacks: bool = False
+) -> str:
     """Render a blocking call for humans: the call and its culprit, then the stack.
+
+    The stack is shown as :func:`format_stall` shows one.
 
     Args:
         call: The event to describe.
-        max_frames: How many frames of the stack to show at most.
+        max_frames: How many lines of the stack to show at most.
+        full_stacks: Show every frame, unfolded and uncapped.
 
     Returns:
         A multi-line string without a trailing newline.
@@ -269,7 +347,9 @@ def format_blocking_call(call: BlockingCall, *, max_frames: int = 12) -> str:
     lines = [head]
     if call.stack:
         lines.append("  stack, innermost last:")
-        lines.extend(f"    {text}" for text in _stack_lines(call.stack, where, max_frames))
+        lines.extend(
+            f"    {text}" for text in stack_lines(call.stack, where, max_frames, full_stacks)
+        )
     return "\n".join(lines)
 
 

@@ -68,14 +68,20 @@ class LoopEvents(RecordingSink):
             raise AssertionError(describe(events) + more)
 
 
-def describe(events: Iterable[Event]) -> str:
-    """Render stalls and blocking calls for a failure message, one block each."""
+def describe(events: Iterable[Event], *, full_stacks: bool = False) -> str:
+    """Render stalls and blocking calls for a failure message, one block each.
+
+    Args:
+        events: The events to describe.
+        full_stacks: Show every frame of each stack (by default, frames that are not
+            the user's are folded around the culprit).
+    """
     blocks = []
     for event in events:
         if isinstance(event, Stall):
-            blocks.append(format_stall(event))
+            blocks.append(format_stall(event, full_stacks=full_stacks))
         elif isinstance(event, BlockingCall):
-            blocks.append(format_blocking_call(event))
+            blocks.append(format_blocking_call(event, full_stacks=full_stacks))
         else:
             blocks.append(str(event.to_dict()))
     return "\n".join(blocks)

@@ -50,6 +50,18 @@ def hog_later(delay: float, n: int = 23) -> None:
     re.match(r"^(a+)+$", "a" * n + "!")  # MARK:hog
 
 
+SLOW_ASGI_APP = """
+import time
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    time.sleep(0.3)  # MARK:handler
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+"""
+"""An ASGI application whose every request blocks its loop for 0.3 s (for real servers)."""
+
 REGEX_LINE = line_of("MARK:regex")
 HOG_LINE = line_of("MARK:hog")
 

@@ -1,6 +1,7 @@
-"""Throwaway PostgreSQL and Redis servers for the tests, each in its own temp directory.
+"""Throwaway PostgreSQL, Redis and Prometheus servers for the tests, each in a temp dir.
 
-``make test`` installs the servers (Debian's ``postgresql`` and ``redis-server``) when
+``make test`` installs the servers (Debian's ``postgresql``, ``redis-server`` and
+``prometheus``) when
 it can. Where a server cannot be found the tests that need it are skipped, unless
 ``TESTS_REQUIRE_SERVICES=1`` (set by CI), which turns the skip into a failure so
 a missing install step cannot hide behind a green run.
@@ -149,6 +150,58 @@ def redis(tmp: Path) -> Iterator[int]:
         yield port
     finally:
         _stop(proc)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    return _free_port()
+
+
+@contextlib.contextmanager
+def prometheus(tmp: Path, targets: list[str], interval: str = "1s") -> Iterator[str]:
+    """Run a Prometheus server scraping ``targets`` (``host:port``); yield its base URL.
+
+    The server keeps its data in ``tmp``, scrapes every ``interval`` and loads the
+    alert rules of ``dashboards/alerts.yml`` so that they are evaluated too.
+    """
+    server = shutil.which("prometheus")
+    if server is None:
+        missing("needs a Prometheus server (prometheus not found)")
+    assert server is not None
+    rules = Path(__file__).parent.parent / "dashboards" / "alerts.yml"
+    config = tmp / "prometheus.yml"
+    config.write_text(
+        "global:\n"
+        f"  scrape_interval: {interval}\n"
+        f"  evaluation_interval: {interval}\n"
+        + (f"rule_files: ['{rules}']\n" if rules.exists() else "")
+        + "scrape_configs:\n"
+        "  - job_name: app\n"
+        "    static_configs:\n"
+        f"      - targets: {targets!r}\n"
+    )
+    port, log = _free_port(), tmp / "prometheus.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                server,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for_port(port, proc, "prometheus", log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a server process, killing it if it does not exit within 10 s."""
+    _stop(proc)
 
 
 # Runs in its own process and starts/kills redis-server on command, so a test's process

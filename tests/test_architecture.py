@@ -46,12 +46,13 @@ LAYERS = {
     "__main__": 5,
     "_demo": 5,
     "_bootstrap": 5,
+    "otel": 5,
 }
 SUBSYSTEMS = {"_blocking", "_watchdog", "_offload"}
 # Which subsystem may use which (through its package): the watchdog starts a blocking
 # guard and reads its modes; offload reports to the running watchdogs.
 SIDEWAYS = {("_watchdog", "_blocking"), ("_offload", "_watchdog")}
-PUBLIC = {"loopguard", "loopguard.events", "loopguard.sinks", "loopguard.metrics"}
+PUBLIC = {"loopguard", "loopguard.events", "loopguard.sinks", "loopguard.metrics", "loopguard.otel"}
 
 
 def _module_name(path: Path) -> str:

@@ -47,8 +47,9 @@ def number_points(metric: Metric) -> list[NumberDataPoint]:
     return points  # type: ignore[return-value]
 
 
-def active_calls(reader: InMemoryMetricReader, **attributes: str) -> float | None:
-    """The observed number of active calls with exactly these attributes."""
+def active_calls(reader: InMemoryMetricReader, mode: str, function: str) -> float | None:
+    """The observed number of active calls with exactly this mode and function."""
+    attributes = {metrics.OFFLOAD_MODE: mode, metrics.OFFLOAD_FUNCTION: function}
     metric = collect(reader).get(metrics.OFFLOAD_ACTIVE)
     if metric is None:
         return None
@@ -65,32 +66,35 @@ DESIGN_TABLE = {
     "asyncio.eventloop.delay": ("histogram", "s"),
     "asyncio.eventloop.utilization": ("gauge", "1"),
     "asyncio.eventloop.time": ("counter", "s"),
-    "asyncio.eventloop.stalls": ("counter", "{stall}"),
+    "asyncio.eventloop.stall.count": ("counter", "{stall}"),
     "asyncio.eventloop.stall.duration": ("histogram", "s"),
-    "asyncio.eventloop.slow_callbacks": ("counter", "{callback}"),
-    "asyncio.eventloop.pending_callbacks": ("gauge", "{callback}"),
-    "asyncio.eventloop.tasks": ("gauge", "{task}"),
-    "asyncio.blocking_calls": ("counter", "{call}"),
+    "asyncio.eventloop.slow_callback.count": ("counter", "{callback}"),
+    "asyncio.eventloop.callback.pending": ("gauge", "{callback}"),
+    "asyncio.eventloop.task.count": ("gauge", "{task}"),
+    "asyncio.blocking_call.count": ("counter", "{call}"),
     "loopguard.offload.wait.duration": ("histogram", "s"),
     "loopguard.offload.run.duration": ("histogram", "s"),
     "loopguard.offload.active": ("updowncounter", "{call}"),
     "websocket.receive.queue.size": ("updowncounter", "{message}"),
     "websocket.receive.queue.capacity": ("updowncounter", "{message}"),
     "websocket.receive.time_in_queue": ("histogram", "s"),
-    "websocket.receive.messages": ("counter", "{message}"),
+    "websocket.receive.message.count": ("counter", "{message}"),
+    "websocket.receive.lag": ("gauge", "s"),
     "websocket.process.duration": ("histogram", "s"),
-    "websocket.connections": ("updowncounter", "{connection}"),
-    "websocket.ping.rtt": ("histogram", "s"),
+    "websocket.connection.active": ("updowncounter", "{connection}"),
+    "websocket.ping.duration": ("histogram", "s"),
+    "websocket.close.count": ("counter", "{connection}"),
+    "loopguard.asgi.shed.count": ("counter", "{request}"),
     "broadcast.subscriber.count": ("updowncounter", "{subscriber}"),
     "broadcast.group.member.count": ("updowncounter", "{connection}"),
     "broadcast.queue.size": ("updowncounter", "{message}"),
-    "broadcast.messages": ("counter", "{message}"),
-    "broadcast.evictions": ("counter", "{eviction}"),
+    "broadcast.message.count": ("counter", "{message}"),
+    "broadcast.eviction.count": ("counter", "{eviction}"),
     "broadcast.fanout.duration": ("histogram", "s"),
     "broadcast.backplane.lag": ("histogram", "s"),
-    "broadcast.backplane.reconnects": ("counter", "{reconnect}"),
-    "broadcast.backplane.errors": ("counter", "{error}"),
-    "broadcast.backplane.lost": ("counter", "{message}"),
+    "broadcast.backplane.reconnect.count": ("counter", "{reconnect}"),
+    "broadcast.backplane.error.count": ("counter", "{error}"),
+    "broadcast.backplane.lost.count": ("counter", "{message}"),
 }
 
 
@@ -103,7 +107,26 @@ def test_the_table_has_every_designed_metric() -> None:
         if spec.buckets is not None:
             assert list(spec.buckets) == sorted(set(spec.buckets))
     constants = {getattr(metrics, n) for n in metrics.__all__ if n.isupper() and n not in {"SPECS"}}
-    assert constants - {metrics.METER_NAME} == set(metrics.SPECS)
+    keys = {key for spec in metrics.SPECS.values() for key in spec.attributes}
+    assert constants - {metrics.METER_NAME} - keys == set(metrics.SPECS)
+
+
+# The names settled before 1.0.
+SETTLED = list(metrics.SPECS)
+# Registered OpenTelemetry attributes, used as they are (not under the metric's name).
+REGISTERED = {"http.route", "error.type"}
+
+
+@pytest.mark.parametrize("name", SETTLED)
+def test_names_follow_the_opentelemetry_naming_rules(name: str) -> None:
+    spec = metrics.SPECS[name]
+    # Attributes live under the metric's namespace; no plural or _total names.
+    for key in set(spec.attributes) - REGISTERED:
+        namespace = key.rsplit(".", 1)[0]
+        assert namespace.count(".") >= 1 and name.startswith(f"{namespace}."), key
+    assert not name.endswith(("s", "_total")), name
+    if spec.kind == "updowncounter":  # a queue's .size/.capacity: OpenTelemetry's own shape
+        assert name.endswith((".count", ".active", ".queue.size", ".queue.capacity")), name
 
 
 def test_only_the_metrics_module_names_a_metric() -> None:
@@ -157,8 +180,8 @@ async def test_offload_wait_run_and_active(
     # limit=1: the three calls queue, the second waits ~50 ms, the third ~100 ms.
     assert wait.max >= 0.09
     assert 0.14 <= wait.sum < 1.0
-    expected = {"mode": "thread", "function": "e2e"}
-    assert active_calls(reader, **expected) == 0
+    expected = {"loopguard.offload.mode": "thread", "loopguard.offload.function": "e2e"}
+    assert active_calls(reader, "thread", "e2e") == 0
     assert dict(run.attributes or {}) == dict(wait.attributes or {}) == expected
     assert tuple(run.explicit_bounds) == metrics.SPECS[metrics.OFFLOAD_RUN_DURATION].buckets
     assert found[metrics.OFFLOAD_RUN_DURATION].unit == "s"
@@ -199,10 +222,13 @@ async def test_function_name_only_when_asked(
     points = histogram_points(collect(reader)[metrics.OFFLOAD_RUN_DURATION])
     seen = sorted(tuple(sorted(dict(p.attributes or {}).items())) for p in points)
     assert seen == [
-        (("function", "nap"), ("mode", "thread")),
-        (("function", f"{__name__}._sleep_then_maybe_fail"), ("mode", "thread")),
-        (("mode", "executor"),),
-        (("mode", "thread"),),
+        (("loopguard.offload.function", "nap"), ("loopguard.offload.mode", "thread")),
+        (
+            ("loopguard.offload.function", f"{__name__}._sleep_then_maybe_fail"),
+            ("loopguard.offload.mode", "thread"),
+        ),
+        (("loopguard.offload.mode", "executor"),),
+        (("loopguard.offload.mode", "thread"),),
     ]
     for name, metric in collect(reader).items():
         allowed = set(metrics.SPECS[name].attributes)
@@ -242,7 +268,7 @@ async def test_process_mode_metrics(anyio_backend: object, reader: InMemoryMetri
     found = collect(reader)
     [run] = histogram_points(found[metrics.OFFLOAD_RUN_DURATION])
     [wait] = histogram_points(found[metrics.OFFLOAD_WAIT_DURATION])
-    assert dict(run.attributes or {}) == {"mode": "process"}
+    assert dict(run.attributes or {}) == {"loopguard.offload.mode": "process"}
     assert run.count == wait.count == 1
     assert 0 <= run.sum < wait.sum  # starting a worker process is the waiting
 
@@ -262,7 +288,7 @@ def test_a_failing_meter_never_raises(
     monkeypatch.setattr(metrics, "_get_meter", _Broken)
     try:
         for _ in range(3):
-            metrics.record(metrics.OFFLOAD_ACTIVE, 1, {"mode": "thread"})
+            metrics.record(metrics.OFFLOAD_ACTIVE, 1, {metrics.OFFLOAD_MODE: "thread"})
         metrics.observe(metrics.EVENTLOOP_TASKS, lambda: [])
     finally:
         monkeypatch.undo()
@@ -328,8 +354,8 @@ def test_observe_replaces_and_survives_a_provider_change(
 def test_synchronous_gauge_and_counter(reader: InMemoryMetricReader) -> None:
     metrics.record(metrics.EVENTLOOP_UTILIZATION, 0.25)
     metrics.record(metrics.EVENTLOOP_UTILIZATION, 0.5)
-    metrics.record(metrics.EVENTLOOP_STALLS, 1, {"cause": "blocked"})
-    metrics.record(metrics.EVENTLOOP_STALLS, 2, {"cause": "blocked"})
+    metrics.record(metrics.EVENTLOOP_STALLS, 1, {metrics.EVENTLOOP_STALL_CAUSE: "blocked"})
+    metrics.record(metrics.EVENTLOOP_STALLS, 2, {metrics.EVENTLOOP_STALL_CAUSE: "blocked"})
     found = collect(reader)
     [gauge] = number_points(found[metrics.EVENTLOOP_UTILIZATION])
     [stalls] = number_points(found[metrics.EVENTLOOP_STALLS])

@@ -97,17 +97,17 @@ def test_caught_blocking_call_error_still_fails(pytester: pytest.Pytester) -> No
     result.stdout.fnmatch_lines(["*loopguard: the event loop was blocked:*", "*time.sleep()*"])
 
 
+SPINS = """
+@pytest.mark.asyncio
+async def test_spins():
+    await asyncio.sleep(0.01)
+    spin(0.4)
+    await asyncio.sleep(0.01)
+"""
+
+
 def test_stall_fails_with_culprit_and_stack(pytester: pytest.Pytester) -> None:
-    write(
-        pytester,
-        """
-        @pytest.mark.asyncio
-        async def test_spins():
-            await asyncio.sleep(0.01)
-            spin(0.4)
-            await asyncio.sleep(0.01)
-        """,
-    )
+    write(pytester, SPINS)
     result = run(pytester, "--loopguard")
     result.assert_outcomes(failed=1)
     spin_line = line_in(pytester, "# SPIN")
@@ -121,6 +121,17 @@ def test_stall_fails_with_culprit_and_stack(pytester: pytest.Pytester) -> None:
     out = result.stdout.str()
     assert f"test_it.py:{spin_line} in spin" in out or f"test_it.py:{spin_line + 1} in spin" in out
     assert "<-- culprit" in out
+
+
+def test_dash_vv_shows_every_frame_of_a_stall(pytester: pytest.Pytester) -> None:
+    write(pytester, SPINS)
+    folded = run(pytester, "--loopguard").stdout.str()
+    assert "<-- culprit" in folded
+    assert "frame(s) in asyncio" in folded  # the loop's frames are folded by default
+    full = run(pytester, "--loopguard", "-vv").stdout.str()
+    assert "<-- culprit" in full
+    assert "frame(s) in" not in full
+    assert "asyncio/events.py:" in full  # the loop's own frames, shown one by one
 
 
 def test_stall_at_the_very_end_of_the_test_is_caught(pytester: pytest.Pytester) -> None:

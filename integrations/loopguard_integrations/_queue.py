@@ -141,6 +141,18 @@ class BoundedQueue(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def oldest_since(self) -> float | None:
+        """``time.monotonic()`` when the oldest queued item was put; ``None`` if empty.
+
+        Safe to read from another thread (a metrics collector): a race with a consumer
+        reads as empty.
+        """
+        try:
+            return self._items[0][2]
+        except IndexError:
+            return None
+
     # -- producer side -------------------------------------------------------------
 
     def _fits(self, nbytes: int) -> bool:

@@ -26,6 +26,7 @@ from types import CodeType, FrameType
 from typing import Any, Protocol
 
 from .. import metrics
+from .._core.attribution import current_attributes
 from .._core.frames import callback_frames, capture, culprit_of, is_own, own_part
 from .._core.loops import loop_kind
 from ..events import BlockingCall, Frame
@@ -245,7 +246,9 @@ def _verdict(
         plan.append((guard, action, admitted))
     if strongest:
         metrics.record(
-            metrics.ASYNCIO_BLOCKING_CALLS, 1, {"function": entry.name, "action": strongest}
+            metrics.ASYNCIO_BLOCKING_CALLS,
+            1,
+            {metrics.BLOCKING_CALL_FUNCTION: entry.name, metrics.BLOCKING_CALL_ACTION: strongest},
         )
     if not plan:
         return _ALLOWED
@@ -259,6 +262,7 @@ def _verdict(
         threading.current_thread().name,
         kind,
         plan,
+        current_attributes(),
     )
     if any(action == "raise" for _, action, _ in plan):
         event = report.deliver(0.0)
@@ -310,7 +314,7 @@ def _task_name(loop: Any, kind: str) -> str | None:
 class _Report:
     """A blocking call some guards want to hear about, delivered once it has run."""
 
-    __slots__ = ("culprit", "function", "loop", "plan", "stack", "task", "thread")
+    __slots__ = ("attributes", "culprit", "function", "loop", "plan", "stack", "task", "thread")
 
     def __init__(
         self,
@@ -321,6 +325,7 @@ class _Report:
         thread: str,
         loop: str,
         plan: list[tuple[_Guard, str, int | None]],
+        attributes: dict[str, str],
     ) -> None:
         self.function = function
         self.stack = stack
@@ -329,6 +334,7 @@ class _Report:
         self.thread = thread
         self.loop = loop
         self.plan = plan
+        self.attributes = attributes
 
     def deliver(self, duration: float) -> BlockingCall:
         """Hand one event per guard over; return the event of the first guard that raises."""
@@ -344,6 +350,7 @@ class _Report:
                 thread=self.thread,
                 loop=self.loop,
                 suppressed=admitted or 0,
+                attributes=self.attributes,
             )
             if first is None or (action == "raise" and first.action != "raise"):
                 first = event

@@ -22,7 +22,12 @@ def _boot() -> None:
             f"loopguard: not importable by {sys.executable} ({exc}); running without it\n"
         )
         return
-    boot()
+    if boot() is not None and (
+        os.environ.get("LOOPGUARD_OTEL") or os.environ.get("LOOPGUARD_PROMETHEUS")
+    ):
+        from loopguard.otel import configure_from_cli
+
+        configure_from_cli()
 
 
 def _chain() -> None:

@@ -16,6 +16,7 @@ This module owns two rules every subsystem uses:
 from __future__ import annotations
 
 import os
+import sys
 import sysconfig
 from collections.abc import Iterable
 from functools import lru_cache
@@ -32,6 +33,7 @@ __all__ = [
     "capture",
     "classify",
     "culprit_of",
+    "display_path",
     "is_idle",
     "is_own",
     "own_part",
@@ -70,8 +72,48 @@ def is_own(filename: str) -> bool:
 
 
 def where(frame: Frame) -> str:
-    """``file:line in function``, the file relative to the current directory if under it."""
-    return f"{short_path(frame.file)}:{frame.line} in {frame.function}"
+    """``file:line in function``, the file shortened by :func:`display_path`."""
+    return f"{display_path(frame.file)}:{frame.line} in {frame.function}"
+
+
+def display_path(path: str) -> str:
+    """A code file's path as a reader wants it: as short as it stays unambiguous.
+
+    An installed package's file is shown from its package (``requests/api.py``), a
+    standard-library file from the library (``http/client.py``), any other file
+    relative to the current directory if under it, else relative to the longest
+    ``sys.path`` entry that holds it, else as given.
+    """
+    return _display_path(path, os.getcwd(), tuple(sys.path))
+
+
+@lru_cache(maxsize=4096)
+def _display_path(path: str, cwd: str, search: tuple[str, ...]) -> str:
+    if path.startswith("<"):
+        return path
+    full = os.path.abspath(path)
+    site = _site_of(full)
+    if site is not None:
+        return full[len(site) :]
+    stdlib = next((p for p in _STDLIB if full.startswith(p)), None)
+    if stdlib is not None:
+        return full[len(stdlib) :]
+    if full.startswith(cwd + os.sep):
+        return full[len(cwd) + 1 :]
+    roots = sorted({os.path.abspath(p or cwd) + os.sep for p in search}, key=len, reverse=True)
+    root = next((r for r in roots if full.startswith(r) and r != os.sep), None)
+    if root is not None:
+        return full[len(root) :]
+    return short_path(path)
+
+
+def _site_of(path: str) -> str | None:
+    """The site-packages directory (with its separator) that holds ``path``, if any."""
+    site = next((p for p in _SITE if path.startswith(p)), None)
+    for marker in ("site-packages" + os.sep, "dist-packages" + os.sep):
+        if site is None and marker in path:
+            site = path[: path.index(marker) + len(marker)]
+    return site
 
 
 _LOOP_PACKAGES = ("asyncio", "uvloop", "anyio", "trio", "sniffio", "_pytest", "pluggy")
@@ -97,9 +139,7 @@ def classify(filename: str) -> int:
     path = os.path.abspath(filename)
     if path.startswith(_PACKAGE_DIR):
         return PLUMBING if is_own(filename) else USER
-    site = next((p for p in _SITE if path.startswith(p)), None)
-    if site is None and "site-packages" + os.sep in path:
-        site = path[: path.index("site-packages" + os.sep) + len("site-packages" + os.sep)]
+    site = _site_of(path)
     if site is not None:
         top = path[len(site) :].split(os.sep, 1)[0]
         return PLUMBING if top in _LOOP_PACKAGES else LIBRARY

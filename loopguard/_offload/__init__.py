@@ -1,7 +1,7 @@
 """The offload subsystem: moving blocking work off the event loop.
 
 * :func:`offload` turns a synchronous function into an async one whose body runs in a
-  worker thread (``anyio.to_thread``, so asyncio, uvloop and trio all work), a worker
+  worker thread (its own on asyncio and uvloop, trio's on trio), a worker
   process (``anyio.to_process``) or any ``concurrent.futures.Executor`` — dask's
   ``Client.get_executor()`` included, which is how offloaded work leaves the machine.
   With ``adaptive=`` it runs the function inline while it is fast and moves it to the
@@ -19,6 +19,7 @@ The modules, each importing only those listed after it:
 * ``decorator``: :func:`offload`, its options and the wrapper it builds;
 * ``adaptive``: the inline fast path and the one-time switch to a worker;
 * ``runners``: how one call runs per mode (thread, process, executor);
+* ``pool``: the worker threads of each asyncio loop, and the hop to trio's;
 * ``remote``: what crosses the process boundary to a worker and back;
 * ``track``: one call's limit slot, timing and races, and the active-call count;
 * ``waiting``: waiting for work elsewhere without blocking the loop, through cancellation;

@@ -64,9 +64,11 @@ def offload(
 
     Where the body runs:
 
-    * default: a worker thread from anyio's pool (``anyio.to_thread.run_sync``).
-      Context variables of the caller are visible in the body; an exception keeps
-      its traceback.
+    * default: a worker thread (on asyncio and uvloop loopguard's own, as cheap per
+      call as ``asyncio.to_thread``; on trio trio's). Context variables of the
+      caller are visible in the body; an exception keeps its traceback; the body may
+      call ``anyio.from_thread.run()``. Calls without a ``limit`` share anyio's
+      default thread limiter (40 at once).
     * ``process=True``: a worker process (``anyio.to_process.run_sync``). The
       function must be defined at the top level of a module; its arguments and
       result must pickle. The worker's traceback is attached to an exception as
@@ -110,7 +112,7 @@ def offload(
             counted in the offload metrics, and ``limit`` does not apply to them.
         cancellable: Release a cancelled caller at once rather than when the body
             returns (see above).
-        name_in_metrics: Add a ``function`` attribute to this function's metrics:
+        name_in_metrics: Add a ``loopguard.offload.function`` attribute to this function's metrics:
             ``True`` for its qualified name, or the given string. Off by default so
             that metric cardinality stays bounded.
 

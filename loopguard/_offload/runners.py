@@ -9,6 +9,7 @@ the function is ``cancellable``, and counts the call in the offload metrics.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextvars
 import pickle
@@ -21,6 +22,7 @@ import anyio.to_process
 import anyio.to_thread
 
 from .. import metrics
+from . import pool
 from .common import Mode, qualified_name
 from .limits import Limit, limiter_for, unbounded
 from .remote import (
@@ -62,9 +64,10 @@ class Runner:
         self.has_limit = limit is not None
         self.limiter = limiter_for(limit, self.name)
         self._remote: object = None
-        attributes: dict[str, str] = {"mode": mode}
+        attributes: dict[str, str] = {metrics.OFFLOAD_MODE: mode}
         if name_in_metrics:
-            attributes["function"] = self.name if name_in_metrics is True else str(name_in_metrics)
+            label = self.name if name_in_metrics is True else str(name_in_metrics)
+            attributes[metrics.OFFLOAD_FUNCTION] = label
         self.attributes: metrics.Attributes = attributes
         self.active = active.slot(attributes)
         self.call: Callable[..., Coroutine[Any, Any, Any]] = (
@@ -157,7 +160,9 @@ def _thread_call(runner: Runner) -> Callable[..., Coroutine[Any, Any, Any]]:
     """Make the coroutine function that runs one call of ``runner.func`` in a thread.
 
     It is the hot path, and for a plain ``@offload`` it is the decorated function
-    itself: one coroutine between the caller and anyio.
+    itself: one coroutine between the caller and the worker. On asyncio and uvloop
+    the call goes to this subsystem's own workers, on trio to trio's (:mod:`.pool`);
+    without the anyio hooks that needs, through ``anyio.to_thread``.
     """
     func = runner.func
     attributes = runner.attributes
@@ -165,12 +170,18 @@ def _thread_call(runner: Runner) -> Callable[..., Coroutine[Any, Any, Any]]:
     cancellable = runner.cancellable
     has_limit = runner.has_limit
     limiter_of = runner.limiter
-    run_sync = anyio.to_thread.run_sync
+    running_loop = asyncio._get_running_loop if pool.available else lambda: None
+    on_trio = pool.in_trio_thread if pool.available else pool.via_anyio
 
     async def call_in_thread(*args: Any, **kwargs: Any) -> Any:
+        loop = running_loop()
         # A limit slot is held by the call itself, not by the task, so that it lasts
         # as long as the body. Without a limit, anyio's default thread limiter applies.
-        limiter = limiter_of() if has_limit else None
+        if loop is None:
+            limiter = limiter_of() if has_limit else None
+        else:
+            workers = pool.pool_for(loop)
+            limiter = limiter_of() if has_limit else workers.default_limiter()
         track = Track(limiter)
         active.append(None)
         submitted = perf_counter()
@@ -178,15 +189,16 @@ def _thread_call(runner: Runner) -> Callable[..., Coroutine[Any, Any, Any]]:
             if limiter is not None:
                 await track.acquire()
             try:
-                result = await run_sync(
-                    _run_tracked,
-                    track,
-                    func,
-                    args,
-                    kwargs,
-                    abandon_on_cancel=True,
-                    limiter=None if limiter is None else unbounded(),
-                )
+                if loop is None:
+                    result = await on_trio(
+                        _run_tracked,
+                        (track, func, args, kwargs),
+                        None if limiter is None else unbounded(),
+                    )
+                else:
+                    future = loop.create_future()
+                    workers.submit(future, _run_tracked, (track, func, args, kwargs))
+                    result = await future
             except BaseException as exc:
                 await track.stop_waiting(exc, cancellable)
                 raise

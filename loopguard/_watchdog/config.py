@@ -12,6 +12,7 @@ typo never turns into a silent no-op or a crash later.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -90,18 +91,20 @@ class Config:
         slow_callback: Seconds a callback may run before precise mode reports it
             (default ``threshold / 2``); must be smaller than ``threshold``.
         gil_dump: Name the line of C code that holds the GIL (and the GIL hog's line)
-            through faulthandler's traceback dump, which needs no GIL. Off by
-            default: the dump reads other threads' frames unlocked, which is safe
-            while they wait for the GIL but can crash the process if it fires while
-            they run Python: on a busy asyncio loop that keeps the sampler from the
-            GIL, and after a pause of the whole process (SIGSTOP, a debugger, cgroup
-            CPU throttling). A debugging aid, never for production. Without it,
-            CPU clocks still give the cause and the hog thread, without the line.
+            from a capture of the process read from outside it: a helper process
+            runs ``py-spy dump --nonblocking`` when the sampler cannot get the GIL.
+            It never writes to or pauses the process. On by default where it can
+            work (Linux, py-spy installed, reading allowed); elsewhere the reason is
+            logged once and stalls keep their cause without the line.
         blocking: Blocking-call guard: ``"off"``, ``"warn"`` (log and report each
             blocking call made on a loop thread), ``"raise"`` (refuse it with
             ``BlockingCallError``) or ``"record"`` (report without logging).
         blocking_allow: Allow rules for the guard, on top of the defaults:
             ``Allow`` objects or text ``module[:function][@call,...]``.
+        full_stacks: Show every frame of a stack in logged reports. By default the
+            culprit's frame and the user's frames are shown and runs of other
+            frames (the event loop, the standard library, installed packages,
+            loopguard) are folded into one line naming their packages.
     """
 
     threshold: float = _option(
@@ -140,12 +143,11 @@ class Config:
         help="with --precise: report callbacks longer than S (default threshold/2)",
     )
     gil_dump: bool = _option(
-        False,
+        True,
         env=_flag,
-        action="store_true",
-        help="name the line of C code holding the GIL via a GIL-free traceback dump; "
-        "a debugging aid that can crash the process (busy asyncio loops, SIGSTOP, "
-        "cgroup throttling): never in production",
+        action=argparse.BooleanOptionalAction,
+        help="name the line of C code holding the GIL by reading the process from a "
+        "helper process with py-spy (default on; --no-gil-dump turns it off)",
     )
     blocking: BlockingMode = _option(
         "off", env=str, choices=BLOCKING_MODES, help="blocking-call guard mode (default off)"
@@ -156,6 +158,13 @@ class Config:
         action="append",
         metavar="RULE",
         help="allow blocking calls under MODULE[:FUNCTION][@CALL,...] (repeatable)",
+    )
+    full_stacks: bool = _option(
+        False,
+        env=_flag,
+        action="store_true",
+        help="show every frame of a stack in reports (default: fold the frames of the "
+        "event loop, the standard library and installed packages around the culprit)",
     )
 
     def __post_init__(self) -> None:
@@ -241,7 +250,8 @@ class Config:
         """
         env = os.environ if environ is None else environ
         parsers = {o.variable[len(ENV_PREFIX) :]: o.parse for o in env_options()}
-        internal = {"SUMMARY", "BOOTSTRAPPED"}  # set by the CLI for its own use
+        # Set by the CLI for its own use (the summary, the OpenTelemetry outputs).
+        internal = {"SUMMARY", "BOOTSTRAPPED", "OTEL", "PROMETHEUS"}
         options: dict[str, Any] = {}
         for key, raw in env.items():
             if not key.startswith(ENV_PREFIX):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from .. import metrics
 from ..metrics import (
     EVENTLOOP_PENDING_CALLBACKS,
+    EVENTLOOP_STATE,
     EVENTLOOP_TASKS,
     EVENTLOOP_TIME,
     EVENTLOOP_UTILIZATION,
@@ -52,7 +53,7 @@ def _observe_time() -> _Reading:
     live = [s.totals() for s in _live_stats()]
     active = _retired_time["active"] + sum(a for a, _ in live)
     idle = _retired_time["idle"] + sum(i for _, i in live)
-    return [(active, {"state": "active"}), (idle, {"state": "idle"})]
+    return [(active, {EVENTLOOP_STATE: "active"}), (idle, {EVENTLOOP_STATE: "idle"})]
 
 
 def _observe_sum(field: str) -> Callable[[], _Reading]:

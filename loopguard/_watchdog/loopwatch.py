@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +27,17 @@ from .summary import DelayHistogram
 if TYPE_CHECKING:
     from .watchdog import Watchdog
 
-__all__ = ["LoopWatch", "Ongoing", "trio_beat"]
+__all__ = ["LoopWatch", "Ongoing", "run_queue_wait", "trio_beat"]
 
 _monotonic = time.monotonic
+#: Task names kept per stall (``Stall.tasks``).
+MAX_TASKS = 8
+
+#: Heartbeats kept for loop_load() (a minute at the default 20 ms period).
+RECENT_HEARTBEATS = 3000
+#: Busy/idle marks kept, one every MARK_EVERY seconds (a minute).
+RECENT_MARKS = 240
+MARK_EVERY = 0.25
 
 
 class LoopWatch:
@@ -43,9 +52,13 @@ class LoopWatch:
         "kind",
         "last_tick",
         "loop",
+        "marks",
+        "native_id",
+        "next_mark",
         "ongoing",
         "pending",
         "period",
+        "recent",
         "reports",
         "running_task",
         "stats",
@@ -60,10 +73,16 @@ class LoopWatch:
         self.period = wd.config.period
         self.threshold = wd.config.threshold
         self.thread_id = threading.get_ident()
+        self.native_id = threading.get_native_id()
         self.thread_name = threading.current_thread().name
         self.last_tick = _monotonic()
         self.pending: list[tuple[float, float]] = []  # (end, gap) of long gaps, loop-written
         self.delay = DelayHistogram()
+        # The recent past, for loopguard.loop_load(): each heartbeat's lateness, and
+        # every MARK_EVERY seconds the loop's busy/idle totals (when stats are on).
+        self.recent: deque[tuple[float, float]] = deque(maxlen=RECENT_HEARTBEATS)
+        self.marks: deque[tuple[float, float, float]] = deque(maxlen=RECENT_MARKS)
+        self.next_mark = 0.0
         self.handle: Any = None
         self.attached = True
         self.detached_at = 0.0
@@ -89,6 +108,11 @@ class LoopWatch:
         self.last_tick = now
         late = gap - self.period
         self.delay.record(late)
+        self.recent.append((now, late))
+        if now >= self.next_mark and self.stats is not None and self.stats.timed:
+            self.next_mark = now + MARK_EVERY
+            active, idle = self.stats.totals()
+            self.marks.append((now, active, idle))
         if self.reports:
             _record(EVENTLOOP_DELAY, late if late > 0.0 else 0.0)
         if gap >= self.threshold and len(self.pending) < 64:
@@ -124,10 +148,30 @@ async def trio_beat(watch: LoopWatch) -> None:
                 watch.stats.trio_stats = trio.lowlevel.current_statistics()
 
 
+def run_queue_wait(native_id: int) -> float | None:
+    """Seconds the thread has spent runnable but waiting for a CPU (Linux schedstat)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/schedstat", "rb") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Ongoing:
     """A stall the sampler is watching while it lasts."""
 
-    __slots__ = ("attributes", "before", "folder", "others", "starved", "task", "tick")
+    __slots__ = (
+        "after_gap",
+        "attributes",
+        "before",
+        "folder",
+        "max_gap",
+        "others",
+        "queued",
+        "task",
+        "tasks",
+        "tick",
+    )
 
     def __init__(self, tick: float, before: CpuSnapshot | None) -> None:
         self.tick = tick
@@ -136,4 +180,12 @@ class Ongoing:
         self.others: dict[int, tuple[Frame, ...]] | None = None
         self.task: str | None = None
         self.attributes: dict[str, str] = {}
-        self.starved = 0
+        self.max_gap = 0.0  # the longest the sampler went without running, seconds
+        self.after_gap = 0  # samples taken right after such a gap (the loop held the GIL)
+        self.queued: tuple[float, float] | None = None  # (when, run-queue wait) at start
+        self.tasks: dict[str, None] = {}  # tasks seen running, in order (bounded)
+
+    def saw(self, task: str | None) -> None:
+        """Note a task seen running on the loop during the stall."""
+        if task is not None and len(self.tasks) < MAX_TASKS:
+            self.tasks[task] = None

@@ -23,9 +23,9 @@ from .._core.loops import loop_kind
 from .._core.patch import Patch, cancel_import_hook, when_imported
 
 # Fork handlers run in the order they were registered, and ours (below) restarts sampler
-# threads in the child, which use the GIL-free dump and the GC recorder: theirs must
+# threads in the child, which use the capture helper and the GC recorder: theirs must
 # run first, so those modules are imported (and register theirs) before this one does.
-from . import causes as _causes  # noqa: F401
+from . import capture as _capture  # noqa: F401
 from . import gcwatch as _gcwatch  # noqa: F401
 
 if TYPE_CHECKING:

@@ -1,7 +1,9 @@
 """Bounded statistics kept by the watchdog: the loop-delay histogram and stall summary.
 
 Both are fixed-size whatever the run length: the histogram has a fixed set of
-log-spaced buckets; the summary keeps at most ``max_culprits`` culprits.
+log-spaced buckets; the summary keeps at most ``max_culprits`` culprits. The summary
+also renders its tables, for the summary printed at exit and for ``loopguard report``
+alike.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import math
 import threading
 from dataclasses import dataclass
 
+from .._core.frames import where
 from ..events import BlockingCall, Frame, Stall
 
 __all__ = ["CallSiteStats", "CulpritStats", "DelayHistogram", "StallSummary"]
@@ -17,6 +20,7 @@ __all__ = ["CallSiteStats", "CulpritStats", "DelayHistogram", "StallSummary"]
 _STEPS_PER_OCTAVE = 4
 _MIN = 1e-5  # 10 µs: anything below lands in the first bucket
 _BUCKETS = 100  # up to ~ _MIN * 2**25 ≈ 335 s
+_MAX_ROWS = 20  # rows per table of a printed summary
 
 
 class DelayHistogram:
@@ -103,6 +107,7 @@ class StallSummary:
         self._other = CulpritStats(None)
         self._calls: dict[tuple[str, Frame | None], CallSiteStats] = {}
         self._other_calls = CallSiteStats("other", None)
+        self._startup: dict[Frame | None, CulpritStats] = {}  # cause "import": not user stalls
         self._lock = threading.Lock()
 
     def emit(self, event: object) -> None:
@@ -113,12 +118,13 @@ class StallSummary:
         if not isinstance(event, Stall):
             return
         with self._lock:
-            stats = self._by.get(event.culprit)
+            by = self._startup if event.cause == "import" else self._by
+            stats = by.get(event.culprit)
             if stats is None:
-                if len(self._by) >= self.max_culprits:
+                if len(by) >= self.max_culprits:
                     stats = self._other
                 else:
-                    stats = self._by[event.culprit] = CulpritStats(event.culprit)
+                    stats = by[event.culprit] = CulpritStats(event.culprit)
             stats.count += 1
             stats.total += event.duration
             stats.max = max(stats.max, event.duration)
@@ -150,3 +156,56 @@ class StallSummary:
             if self._other.count:
                 rows.append(self._other)
         return sorted(rows, key=lambda r: r.total, reverse=True)
+
+    def totals(self) -> tuple[int, float]:
+        """The number of stalls and the seconds stalled, over every culprit."""
+        rows = self.rows()
+        return sum(r.count for r in rows), sum(r.total for r in rows)
+
+    def table_lines(self, max_rows: int = _MAX_ROWS) -> list[str]:
+        """The summary's tables as text lines: stalls by culprit, start-up, blocking calls by site.
+
+        Args:
+            max_rows: Rows shown per table; a last line says how many more there are.
+
+        Returns:
+            The lines (indented by two spaces), empty when nothing was counted.
+        """
+        stalls = [
+            f"  {r.count:>5}  {r.total:>7.3f}s  {r.max:>7.3f}s  "
+            + (where(r.culprit) if r.culprit else "(not sampled / other)")
+            for r in self.rows()
+        ]
+        calls = self.call_rows()
+        sites = [
+            f"  {c.count:>5}  {c.total:>7.3f}s  {c.function}, "
+            + (where(c.culprit) if c.culprit else "(unknown)")
+            for c in calls
+        ]
+        lines: list[str] = []
+        if stalls:
+            lines.append(f"  {'count':>5}  {'total':>8}  {'max':>8}  culprit")
+            lines += _capped(stalls, "culprits", max_rows)
+        lines += [
+            f"  start-up (import inside the loop): {r.count} stall(s), {r.total:.3f} s, at "
+            + (where(r.culprit) if r.culprit else "(not sampled)")
+            for r in self.startup_rows()
+        ]
+        if sites:
+            lines.append(f"  {sum(c.count for c in calls)} blocking call(s) on the loop thread")
+            lines.append(f"  {'count':>5}  {'total':>8}  call, culprit")
+            lines += _capped(sites, "call sites", max_rows)
+        return lines
+
+    def startup_rows(self) -> list[CulpritStats]:
+        """Start-up stalls (imports run inside the loop), longest first; not in :meth:`rows`."""
+        with self._lock:
+            rows = list(self._startup.values())
+        return sorted(rows, key=lambda r: r.total, reverse=True)
+
+
+def _capped(rows: list[str], noun: str, limit: int) -> list[str]:
+    """The first rows of a table, and how many more there were."""
+    if len(rows) <= limit:
+        return rows
+    return [*rows[:limit], f"  ... {len(rows) - limit} more {noun}"]

@@ -28,19 +28,27 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._blocking import BlockingGuard, call_during
-from .._core.attribution import attributes_of
+from .._core.attribution import TRACE_PARENT, attributes_of
+from .._core.frames import is_idle
 from .._core.loops import loop_kind
-from ..events import Event, Frame, SlowCallback, Stall
-from ..metrics import EVENTLOOP_SLOW_CALLBACKS, EVENTLOOP_STALL_DURATION, EVENTLOOP_STALLS
+from ..events import Event, SlowCallback, Stall
+from ..metrics import (
+    EVENTLOOP_SLOW_CALLBACKS,
+    EVENTLOOP_STALL_CAUSE,
+    EVENTLOOP_STALL_DURATION,
+    EVENTLOOP_STALLS,
+    trace_context,
+)
 from ..metrics import record as _record
 from ..sinks import CallbackSink, JsonLinesSink, LoggingSink, RecordingSink, Sink, SinkSet
 from . import registry
-from .causes import DUMP, CpuClocks, CpuSnapshot, diagnose
+from .capture import CAPTURE, READ_LATE, Dump
+from .causes import CpuClocks, CpuSnapshot, diagnose, is_import
 from .config import Config
 from .gcwatch import GC
 from .loopmetrics import observe_stats, retire_stats
 from .loopstats import LoopStatsSnapshot
-from .loopwatch import LoopWatch, Ongoing, trio_beat
+from .loopwatch import LoopWatch, Ongoing, run_queue_wait, trio_beat
 from .precise import TIMER
 from .registry import running
 from .sampling import sample_threads
@@ -52,10 +60,12 @@ logger = logging.getLogger("loopguard")
 _monotonic = time.monotonic
 
 
-_DUMP = DUMP
-# A dump reads other threads' frames without the GIL: safe while they wait, a data race
-# if one runs Python. Fire only after a delay no GIL hand-off or scheduler hiccup explains.
-_MIN_DUMP_MARGIN = 0.1
+# How late the sampler may be before the capture helper reads the process: a few GIL
+# switch intervals, so ordinary hand-offs never trigger it, short enough that the read
+# happens while a stall of threshold + interval still lasts.
+_MIN_CAPTURE_MARGIN = 0.03
+# How long the sampler waits for a capture still being read when its stall ends.
+_CAPTURE_WAIT = 1.0
 # A stall is a garbage-collection pause (or a reported blocking call) when the collector
 # ran (the call lasted) for this share of it.
 _GC_SHARE = 0.5
@@ -81,7 +91,7 @@ class Watchdog:
         if self._recording is not None:
             sinks.append(self._recording)
         if self.config.log:
-            sinks.append(LoggingSink())
+            sinks.append(LoggingSink(full_stacks=self.config.full_stacks))
         if self.config.json is not None:
             sinks.append(JsonLinesSink(self.config.json))  # OSError here, at install
         if self.config.callback is not None:
@@ -96,8 +106,6 @@ class Watchdog:
         self._finished_delay = DelayHistogram()
         self._clocks = CpuClocks()
         self._snapshot: CpuSnapshot | None = None
-        self._dump: tuple[int, dict[int, tuple[Frame, ...]]] | None = None
-        self._dump_seq = 0
         self._wakes = 0
         self._carried: list[tuple[float, SlowCallback]] = []  # precise notes held one wake
         self._waited: list[tuple[float, SlowCallback]] = []
@@ -116,16 +124,13 @@ class Watchdog:
                 return self
             self.running = True
             self._stop = False
-            # Dumps read before this start belong to earlier stalls (or watchdogs).
-            self._dump, self._dump_seq = None, _DUMP.seq
             registry._running.append(self)
             if len(registry._running) == 1:
                 registry.hooks_on()
             if self.config.stats:
                 observe_stats(True)
             if self.config.gil_dump:
-                _DUMP.start()
-                _warn_gil_dump()
+                CAPTURE.start()
             registry.all_watchdogs.add(self)
             GC.start()
         if self.config.blocking != "off" and self.blocking_guard is None:
@@ -157,7 +162,7 @@ class Watchdog:
         self._thread = None
         # A stall that ended just before stopping is still reported (and counted).
         try:
-            self._pass(_monotonic(), starved=False, final=True)
+            self._pass(_monotonic(), late=0.0, final=True)
         except Exception:
             logger.exception("loopguard: final check failed")
         with registry.lock:
@@ -166,8 +171,8 @@ class Watchdog:
             TIMER.remove(self)
             if not any(wd.config.stats for wd in registry._running):
                 observe_stats(False)
-            if not any(wd.config.gil_dump for wd in registry._running):
-                _DUMP.stop()
+            if self.config.gil_dump:
+                CAPTURE.stop()
             GC.stop()
         self.sinks.close()
 
@@ -365,12 +370,16 @@ class Watchdog:
                 self._start_trio_heartbeat()
         # Loops running in other threads: found once, attached from their own thread.
         for obj in gc.get_objects():
-            if isinstance(obj, asyncio.AbstractEventLoop) and obj is not loop:
-                try:
-                    if obj.is_running() and not obj.is_closed():
-                        self.watch_loop(obj)
-                except Exception:
-                    continue
+            try:  # isinstance() of a dead weakref.proxy raises ReferenceError
+                if (
+                    isinstance(obj, asyncio.AbstractEventLoop)
+                    and obj is not loop
+                    and obj.is_running()
+                    and not obj.is_closed()
+                ):
+                    self.watch_loop(obj)
+            except Exception:
+                continue
 
     # -- sampler thread --------------------------------------------------------------
 
@@ -387,32 +396,36 @@ class Watchdog:
     def _sampler_main(self) -> None:
         interval = self.config.period
         tolerance = max(interval, 4 * sys.getswitchinterval())
-        dump_margin = max(self.config.threshold, _MIN_DUMP_MARGIN)
+        margin = max(2 * interval, _MIN_CAPTURE_MARGIN)
+        capture = self.config.gil_dump
         planned = _monotonic()
         while not self._stop:
             now = _monotonic()
-            next_wake, watching = self._pass(now, starved=now - planned > tolerance)
+            late = now - planned
+            next_wake, watching = self._pass(now, late=late if late > tolerance else 0.0)
             if not watching:
-                _DUMP.disarm()
+                if capture:
+                    CAPTURE.disarm()
                 self._wake.wait()
                 planned = _monotonic()
             else:
                 planned = max(next_wake, _monotonic() + 0.001)
-                # If this thread still cannot run well after it should, someone holds
-                # the GIL in C: dump stacks. The margin keeps ordinary GIL hand-offs
-                # and scheduling delays from firing it (see _causes.GilFreeDump).
-                if self.config.gil_dump:
-                    _DUMP.arm(planned - now + dump_margin)
+                # If this thread still cannot run well after it should, a thread holds
+                # the GIL (or the OS keeps this one off the CPU): the helper process
+                # reads every thread's stack from outside (see .capture).
+                if capture:
+                    CAPTURE.arm(planned + margin)
                 self._wake.wait(planned - _monotonic())
             self._wake.clear()
 
-    def _pass(self, now: float, starved: bool, final: bool = False) -> tuple[float, bool]:
-        """One look at every loop; emit what ended. Returns (next wake, any loop watched)."""
+    def _pass(self, now: float, late: float, final: bool = False) -> tuple[float, bool]:
+        """One look at every loop; emit what ended. Returns (next wake, any loop watched).
+
+        ``late`` is how long after its planned wake the sampler ran (0 when on time).
+        """
         threshold = self.config.threshold
-        _DUMP.poll()
-        if _DUMP.seq != self._dump_seq:
-            self._dump_seq = _DUMP.seq
-            self._dump = (self._wakes, _DUMP.latest)
+        if self.config.gil_dump:
+            CAPTURE.poll()
         snapshot = self._clocks.snapshot()
         next_wake = now + threshold
         with self._lock:
@@ -425,7 +438,7 @@ class Watchdog:
                 if watch.stats is not None:
                     watch.stats.stop()
             try:
-                due = self._check(watch, now, starved, snapshot, stalls)
+                due = self._check(watch, now, late, snapshot, stalls)
             except Exception:
                 logger.exception("loopguard sampler failed on %r", watch.loop)
                 due = now + threshold
@@ -439,8 +452,10 @@ class Watchdog:
             if stall.duration < threshold:
                 continue
             if reports:
-                _record(EVENTLOOP_STALLS, 1, {"cause": stall.cause})
-                _record(EVENTLOOP_STALL_DURATION, stall.duration)
+                _record(EVENTLOOP_STALLS, 1, {EVENTLOOP_STALL_CAUSE: stall.cause})
+                # In the blocked task's trace context: exemplars link to its request.
+                trace = trace_context(stall.attributes.get(TRACE_PARENT))
+                _record(EVENTLOOP_STALL_DURATION, stall.duration, None, trace)
             self.sinks.emit(stall)
         return next_wake, bool(watches)
 
@@ -485,7 +500,7 @@ class Watchdog:
         self,
         watch: LoopWatch,
         now: float,
-        starved: bool,
+        late: float,
         snapshot: CpuSnapshot | None,
         stalls: list[tuple[float, Stall]],
     ) -> float:
@@ -518,16 +533,26 @@ class Watchdog:
             task = watch.running_task()
             watch.ongoing.attributes = attributes_of(task, watch.thread_id)
             watch.ongoing.task = watch.ongoing.attributes.get("task.name")
+            watch.ongoing.saw(watch.ongoing.task)
             del task
+            waited = run_queue_wait(watch.native_id)
+            if waited is not None:
+                watch.ongoing.queued = (now, waited)
         ongoing = watch.ongoing
-        if starved:
-            ongoing.starved += 1
-        else:
-            stack, others = sample_threads(watch.thread_id)
-            if stack:
-                ongoing.folder.add(stack)
-            if others is not None:
-                ongoing.others = others
+        # A late wake is a gap in the samples; the longest one tells a sampler shut out
+        # by a GIL holder (one gap over most of the stall) from one the OS kept off a
+        # CPU now and then (short gaps; the samples it took still say what ran).
+        held = bool(late) and _held_through(self._snapshot, snapshot)
+        if held:
+            ongoing.max_gap = max(ongoing.max_gap, late)
+        stack, others = sample_threads(watch.thread_id)
+        if stack:
+            ongoing.folder.add(stack)
+            ongoing.after_gap += held
+            if not is_idle(stack):
+                ongoing.saw(_task_name(watch.running_task()))
+        if others is not None:
+            ongoing.others = others
         return now + interval
 
     def _stall(
@@ -545,10 +570,8 @@ class Watchdog:
         # a candidate, which precise timing may confirm; _pass drops the rest.
         if duration < watch.threshold - watch.period / 2:
             return
-        dump = None
-        # A dump read at this wake or the one before belongs to a stall ending now.
-        if self._dump is not None and self._dump[0] >= self._wakes - 1:
-            dump, self._dump = self._dump[1], None
+        captured = CAPTURE.during(end - gap, end, _CAPTURE_WAIT) if self.config.gil_dump else None
+        dump = captured if isinstance(captured, Dump) else None
         before = ongoing.before if ongoing is not None else self._snapshot
         own = frozenset(
             i
@@ -560,19 +583,22 @@ class Watchdog:
         found = diagnose(
             loop_ident=watch.thread_id,
             duration=duration,
-            # Samples taken after the sampler was starved for most of the stall show
-            # where the loop went next, not what held it: then trust the dump, or
-            # without one the CPU clocks.
-            folder=ongoing.folder
-            if ongoing is not None and ongoing.folder.total > ongoing.starved
-            else None,
+            folder=ongoing.folder if ongoing is not None else None,
             before=before,
             after=after,
             dump=dump,
             others=ongoing.others if ongoing is not None else None,
             exclude=own,
+            # A stall the sampler never saw begin was a gap of the sampler's as long.
+            max_gap=ongoing.max_gap if ongoing is not None else duration,
+            after_gap=ongoing.after_gap if ongoing is not None else 0,
+            queued=_queued_share(watch, ongoing, end),
+            little_work=watch.threshold / 10,
         )
         cause, culprit = found.cause, found.culprit
+        top = found.stacks[0].frames if found.stacks else ()
+        if cause in ("blocked", "c-held-gil") and is_import(top):
+            cause = "import"  # module-level code run inside the loop (an app imported late)
         collected = GC.within(end - gap, end)
         # The collector held the loop for most of the stall: the line that was running
         # only allocated the object that triggered it. (A GC pause cannot be sampled.)
@@ -580,11 +606,20 @@ class Watchdog:
             cause = "gc"
             if found.cause != "blocked":
                 culprit = None
+        tasks = tuple(ongoing.tasks) if ongoing is not None else ()
+        missing = None
+        if culprit is None and cause in ("c-held-gil", "gil", "unknown"):
+            missing = _why_no_line(captured, self.config.gil_dump)
         stall = Stall(
             started_at=time.time() - (_monotonic() - end) - duration,
             duration=round(duration, 6),
             cause=cause,
-            task=ongoing.task if ongoing is not None else None,
+            # Two tasks ran within the stall: neither was "the" task (see ``tasks``).
+            task=tasks[0]
+            if len(tasks) == 1
+            else None
+            if tasks
+            else (ongoing.task if ongoing is not None else None),
             culprit=culprit,
             stacks=found.stacks,
             samples=ongoing.folder.total if ongoing is not None else 0,
@@ -597,6 +632,8 @@ class Watchdog:
             blocking_call=call_during(watch.thread_id, end - gap, end, _GC_SHARE)
             if cause == "blocked"
             else None,
+            tasks=tasks,
+            capture_error=missing,
         )
         stalls.append((end, stall))
 
@@ -612,17 +649,55 @@ class Watchdog:
             self._ensure_thread()
 
 
-_gil_dump_warned = False
+# A thread running Python hands the GIL to a waiting sampler within one switch interval
+# of CPU time, then waits for it; one that used more than two intervals (and a twentieth
+# of the gap: a machine with six runnable threads per core gives a C call that much)
+# held it in C.
+_HELD_CPU_SHARE = 0.05
 
 
-def _warn_gil_dump() -> None:
-    """Say once per process that the GIL-free dump is a debugging aid that can crash."""
-    global _gil_dump_warned
-    if not _gil_dump_warned:
-        _gil_dump_warned = True
-        logger.warning(
-            "loopguard: gil_dump is on; the GIL-free traceback dump can crash this process "
-            "(SIGSEGV) if it fires while another thread runs Python, e.g. a busy asyncio "
-            "loop starving the sampler or a paused process. Use it to diagnose a "
-            "reproduced stall, not in production."
-        )
+def _held_through(before: CpuSnapshot | None, after: CpuSnapshot | None) -> bool:
+    """Whether some thread computed through the sampler's gap (so it held the GIL).
+
+    On a busy machine the OS may take the CPU from a loop thread that runs Python while
+    it holds the GIL: the sampler then waits too, but no thread's CPU clock moves.
+    Without clocks, every gap counts.
+    """
+    if before is None or after is None:
+        return True
+    bar = max(2 * sys.getswitchinterval(), _HELD_CPU_SHARE * (after.at - before.at))
+    return any(  # a thread started during the gap used all its CPU within it
+        cpu - before.cpu.get(i, 0.0) >= bar
+        for i, cpu in after.cpu.items()
+        if not after.names.get(i, "").startswith("loopguard-")
+    )
+
+
+def _queued_share(watch: LoopWatch, ongoing: Ongoing | None, end: float) -> float | None:
+    """Share of the watched part of a stall the loop thread spent waiting for a CPU."""
+    if ongoing is None or ongoing.queued is None:
+        return None
+    since, waited = ongoing.queued
+    now = run_queue_wait(watch.native_id)
+    span = end - since
+    if now is None or span <= 0:
+        return None
+    return min(1.0, (now - waited) / span)
+
+
+def _why_no_line(captured: Dump | str | None, enabled: bool) -> str:
+    """Why a stall that needed a capture has no line, in words for the user."""
+    if not enabled:
+        return "captures are off (gil_dump=False)"
+    if isinstance(captured, str):
+        return captured
+    if captured is not None:
+        return READ_LATE
+    return "the stall ended before a capture could be taken"
+
+
+def _task_name(task: object) -> str | None:
+    try:
+        return task.get_name() if task is not None else None  # type: ignore[attr-defined]
+    except Exception:
+        return None

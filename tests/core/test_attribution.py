@@ -58,6 +58,40 @@ def test_stall_carries_route_and_trace_of_the_blocking_task() -> None:
     assert "hunter2" not in str(stalls[0].to_dict())  # unregistered variables never read
 
 
+def test_uvloop_tasks_carry_attributes_and_converters_keep_text_only() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    loopguard.attribute("trace.parts", trace, lambda value: "-".join(value))
+    held: list[object] = []
+
+    async def request() -> None:
+        route.set("/uv/{id}")
+        value = ("a", "b")
+        held.append(value)
+        trace.set(value)
+        await asyncio.sleep(0.05)
+        sleepy(0.25)
+        await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        await asyncio.create_task(request(), name="uv-req")
+
+    try:
+        with loopguard.watch(threshold=0.1) as wd:
+            uvloop.run(main())
+            time.sleep(0.2)
+            stalls = wd.stalls
+    finally:
+        loopguard.unattribute("trace.parts")
+    [stall] = stalls
+    assert stall.loop == "uvloop"
+    assert dict(stall.attributes) == {
+        "task.name": "uv-req",
+        "http.route": "/uv/{id}",
+        "trace_id": "('a', 'b')",
+        "trace.parts": "a-b",
+    }
+
+
 def test_registration_errors() -> None:
     with pytest.raises(TypeError, match="ContextVar"):
         loopguard.attribute("bad", "not a var")  # type: ignore[arg-type]

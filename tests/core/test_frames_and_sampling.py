@@ -77,7 +77,7 @@ def test_format_stall_puts_culprit_first_and_folds_plumbing() -> None:
     assert "250 ms" in first
     assert "Task-7" in first
     assert "/srv/app/handlers.py:30 in parse" in first
-    assert "2 frame(s) of the event loop" in text
+    assert "... 2 frame(s) in asyncio" in text
     assert text.splitlines()[-1].endswith("<-- culprit")
 
 

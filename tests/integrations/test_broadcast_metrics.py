@@ -60,13 +60,23 @@ async def test_subscribers_queues_deliveries_drops_and_fanout(
         assert total(reader, metrics.BROADCAST_SUBSCRIBER_COUNT) == 2  # one was evicted
         assert slow.pending == 2
         assert (
-            total(reader, metrics.BROADCAST_QUEUE_SIZE, **{"broadcast.target": "subscriber"}) == 7
+            total(reader, metrics.BROADCAST_QUEUE_SIZE, **{"broadcast.queue.target": "subscriber"})
+            == 7
         )
-        delivered = {"broadcast.target": "subscriber", "broadcast.outcome": "delivered"}
+        delivered = {
+            "broadcast.message.target": "subscriber",
+            "broadcast.message.outcome": "delivered",
+        }
         assert total(reader, metrics.BROADCAST_MESSAGES, **delivered) == 5 + 5 + 2
-        dropped = {"broadcast.outcome": "dropped", "broadcast.drop.reason": "overflow"}
+        dropped = {
+            "broadcast.message.outcome": "dropped",
+            "broadcast.message.drop_reason": "overflow",
+        }
         assert total(reader, metrics.BROADCAST_MESSAGES, **dropped) == 3 + 1
-        evicted = {"broadcast.target": "subscriber", "broadcast.eviction.reason": "overflow"}
+        evicted = {
+            "broadcast.eviction.target": "subscriber",
+            "broadcast.eviction.reason": "overflow",
+        }
         assert total(reader, metrics.BROADCAST_EVICTIONS, **evicted) == 1
         (fanout,) = points(reader, metrics.BROADCAST_FANOUT_DURATION)
         assert fanout.count == 5

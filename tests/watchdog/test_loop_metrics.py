@@ -39,10 +39,10 @@ def test_delay_and_stall_metrics(reader: InMemoryMetricReader) -> None:
     assert point.max >= 0.2  # the stall showed as heartbeat lateness
     assert 0.1 in point.explicit_bounds and 1.0 in point.explicit_bounds  # seconds-scale
 
-    (stalls,) = points(found["asyncio.eventloop.stalls"])
+    (stalls,) = points(found["asyncio.eventloop.stall.count"])
     assert stalls.value == 1
-    assert dict(stalls.attributes) == {"cause": "blocked"}
-    assert found["asyncio.eventloop.stalls"].unit == "{stall}"
+    assert dict(stalls.attributes) == {"asyncio.eventloop.stall.cause": "blocked"}
+    assert found["asyncio.eventloop.stall.count"].unit == "{stall}"
 
     (duration,) = points(found["asyncio.eventloop.stall.duration"])
     assert duration.count == 1
@@ -70,12 +70,13 @@ def test_loop_statistics_metrics_while_running(reader: InMemoryMetricReader) -> 
     (util,) = points(seen["asyncio.eventloop.utilization"])
     assert seen["asyncio.eventloop.utilization"].unit == "1"
     assert 0.5 < util.value <= 1.0
-    by_state = {p.attributes["state"]: p.value for p in points(seen["asyncio.eventloop.time"])}
+    time_points = points(seen["asyncio.eventloop.time"])
+    by_state = {p.attributes["asyncio.eventloop.state"]: p.value for p in time_points}
     assert set(by_state) == {"active", "idle"}
     assert by_state["active"] > 0.2
-    (tasks,) = points(seen["asyncio.eventloop.tasks"])
+    (tasks,) = points(seen["asyncio.eventloop.task.count"])
     assert tasks.value >= 6  # main + 5 background
-    assert "asyncio.eventloop.pending_callbacks" in seen
+    assert "asyncio.eventloop.callback.pending" in seen
 
 
 def test_stats_api_busy_vs_idle_and_restores_selector() -> None:

@@ -396,3 +396,18 @@ def test_stall_that_ends_as_the_watch_ends_is_reported() -> None:
         assert len(wd.stalls) == 1  # read at once, no waiting: stop() took a last look
         assert wd.stalls[0].culprit is not None
         assert wd.stalls[0].culprit.line == SLEEPY_LINE
+
+
+def test_a_dead_weakref_proxy_does_not_stop_a_watchdog_from_starting() -> None:
+    """Looking for loops among all objects must survive a proxy whose object died."""
+    import weakref
+
+    class Gone:
+        pass
+
+    obj = Gone()
+    proxies = [weakref.proxy(obj)]
+    del obj
+    with loopguard.watch() as wd:
+        assert wd.running
+    assert proxies

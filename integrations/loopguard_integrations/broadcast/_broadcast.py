@@ -262,7 +262,10 @@ class Broadcast:
             metrics.record(
                 metrics.BROADCAST_EVICTIONS,
                 1,
-                {"broadcast.target": "subscriber", "broadcast.eviction.reason": queue.overflowed},
+                {
+                    "broadcast.eviction.target": "subscriber",
+                    "broadcast.eviction.reason": queue.overflowed,
+                },
             )
 
     # -- subscribing -----------------------------------------------------------------

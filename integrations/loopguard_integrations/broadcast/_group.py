@@ -355,7 +355,7 @@ class Group:
         metrics.record(
             metrics.BROADCAST_EVICTIONS,
             1,
-            {"broadcast.target": "connection", "broadcast.eviction.reason": reason},
+            {"broadcast.eviction.target": "connection", "broadcast.eviction.reason": reason},
         )
         writer = member._writer
         if writer is not None and writer is not asyncio.current_task():

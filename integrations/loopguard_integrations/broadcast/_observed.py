@@ -66,8 +66,8 @@ def _queued() -> list[tuple[float, metrics.Attributes | None]]:
             subscribers += sum(s.pending for s in _copy(subs))
     connections = sum(len(m._queue) for g in _owners("Group") for m in _copy(g._members))
     return [
-        (subscribers, {"broadcast.target": "subscriber"}),
-        (connections, {"broadcast.target": "connection"}),
+        (subscribers, {"broadcast.queue.target": "subscriber"}),
+        (connections, {"broadcast.queue.target": "connection"}),
     ]
 
 
@@ -76,7 +76,7 @@ def _count(target: str, report: Delivery, too_large: int) -> None:
         metrics.record(
             metrics.BROADCAST_MESSAGES,
             report.delivered,
-            {"broadcast.target": target, "broadcast.outcome": "delivered"},
+            {"broadcast.message.target": target, "broadcast.message.outcome": "delivered"},
         )
     too_large = min(too_large, report.dropped)
     for reason, count in (("too_large", too_large), ("overflow", report.dropped - too_large)):
@@ -85,9 +85,9 @@ def _count(target: str, report: Delivery, too_large: int) -> None:
                 metrics.BROADCAST_MESSAGES,
                 count,
                 {
-                    "broadcast.target": target,
-                    "broadcast.outcome": "dropped",
-                    "broadcast.drop.reason": reason,
+                    "broadcast.message.target": target,
+                    "broadcast.message.outcome": "dropped",
+                    "broadcast.message.drop_reason": reason,
                 },
             )
 

@@ -1,0 +1,123 @@
+"""The capture helper: a small process that reads its parent's stacks when the parent cannot.
+
+Run by :mod:`.capture` as ``python -I -S capture_helper.py PARENT_PID PY_SPY``; it
+imports the standard library only and never imports loopguard. It lives in its own
+interpreter, so its own GIL: a C call holding the parent's GIL does not stop it.
+
+Protocol, one text line per message:
+
+* parent to helper (stdin): ``D <deadline>``: the parent's sampler thread expects to
+  run again by ``deadline`` (``time.monotonic()``, the same clock in both processes on
+  Linux); ``X``: nothing to watch, wait. End of file: the parent closed the pipe or
+  died; the helper exits.
+* helper to parent (stdout): ``{"start": t}`` when a dump begins, then
+  ``{"start": t, "end": t, "threads": [[ident, name, owns_gil, [[file, line,
+  function], ...]], ...]}`` (frames innermost first) or ``{"start": t, "error": text}``.
+
+When a deadline passes with no new message, the sampler is starved: the helper runs
+``py-spy dump --pid PARENT --nonblocking --json``, which reads the parent's memory
+with ``process_vm_readv``: it never writes to the parent and never pauses it. One dump
+per starvation (retried once if the read raced the parent), then it waits for the
+sampler to come back. A dump that takes longer than :data:`TIMEOUT` is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+#: Seconds one py-spy dump may take before it is killed and reported as slow.
+TIMEOUT = 2.0
+#: How often to check that the parent is still alive while nothing else happens.
+ALIVE_CHECK = 5.0
+
+
+def _emit(message: dict[str, object]) -> None:
+    os.write(1, (json.dumps(message, separators=(",", ":")) + "\n").encode())
+
+
+def _reduce(raw: bytes) -> list[list[object]]:
+    threads = []
+    for thread in json.loads(raw):
+        frames = [[f["filename"], f["line"], f["name"]] for f in thread.get("frames") or ()]
+        threads.append(
+            [thread["thread_id"], thread.get("thread_name"), bool(thread.get("owns_gil")), frames]
+        )
+    return threads
+
+
+def _error_of(stderr: bytes) -> str:
+    """py-spy's message and its operating-system cause, without the backtrace."""
+    lines = [line.strip() for line in stderr.decode("utf-8", "replace").splitlines()]
+    lines = [line for line in lines if line]
+    head = next((line for line in lines if line.startswith("Error:")), lines[0] if lines else "")
+    cause = next((line.split(":", 1)[-1].strip() for line in lines if "os error" in line), "")
+    return f"{head} ({cause})" if cause and cause not in head else head
+
+
+def _dump(pid: int, py_spy: str) -> dict[str, object]:
+    start = time.monotonic()
+    _emit({"start": start})
+    error = ""
+    for _ in range(2):  # --nonblocking may race the target: one retry
+        try:
+            done = subprocess.run(
+                [py_spy, "dump", "--pid", str(pid), "--nonblocking", "--json"],
+                capture_output=True,
+                timeout=TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return {"start": start, "error": f"py-spy took longer than {TIMEOUT:g} s"}
+        except OSError as exc:
+            return {"start": start, "error": f"py-spy could not be started: {exc}"}
+        if done.returncode == 0:
+            try:
+                return {"start": start, "end": time.monotonic(), "threads": _reduce(done.stdout)}
+            except (ValueError, KeyError, TypeError) as exc:
+                error = f"py-spy output was not understood: {exc}"
+                continue
+        error = _error_of(done.stderr) or f"py-spy exited with status {done.returncode}"
+        if "denied" in error or "not permitted" in error:
+            break
+    return {"start": start, "error": error}
+
+
+def main(argv: list[str]) -> int:
+    """Watch the parent's sampler deadline on stdin; dump the parent when it passes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which closes us
+    pid, py_spy = int(argv[1]), argv[2]
+    deadline: float | None = None
+    pending = b""
+    while True:
+        timeout = ALIVE_CHECK if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([0], [], [], min(timeout, ALIVE_CHECK))
+        if os.getppid() != pid:
+            return 0
+        if ready:
+            data = os.read(0, 65536)
+            if not data:
+                return 0
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line.startswith(b"D "):
+                    deadline = float(line[2:])
+                elif line == b"X":
+                    deadline = None
+            continue
+        if deadline is not None and time.monotonic() >= deadline:
+            deadline = None  # one dump per starvation: wait for the sampler's next word
+            _emit(_dump(pid, py_spy))
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv))
+    except (BrokenPipeError, KeyboardInterrupt):
+        sys.exit(0)

@@ -1,0 +1,141 @@
+"""The receiver core, framework-free: a property test over random traffic and policies.
+
+The transport here is the core's own interface played from a list (the framework
+adapters are tested against real servers in test_starlette.py and test_websockets.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import get_args
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from loopguard_integrations._queue import Overflow
+from loopguard_integrations._receiver import Inbox, Message, guard
+
+
+class ListTransport:
+    """Plays ``messages`` as if received, yielding to the loop every ``pace`` messages."""
+
+    route: str | None = "/t"
+
+    def __init__(self, messages: list[Message], pace: int) -> None:
+        self.messages = messages
+        self.pace = pace
+        self.sent = 0
+        self.closed_with: int | None = None
+        self._done = False
+
+    async def receive(self) -> Message | None:
+        if self.sent and self.pace and self.sent % self.pace == 0:
+            await asyncio.sleep(0)
+        if self.sent == len(self.messages):
+            return None
+        self.sent += 1
+        return self.messages[self.sent - 1]
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed_with = code
+
+    def closed_code(self) -> int | None:
+        return self.closed_with or 1000
+
+    def keepalive_closed(self) -> bool:
+        return False
+
+    async def ping(self) -> None:
+        return None
+
+
+messages = st.lists(
+    st.one_of(st.text(max_size=40), st.binary(max_size=40)), min_size=0, max_size=120
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    traffic=messages,
+    overflow=st.sampled_from(get_args(Overflow)),
+    maxsize=st.integers(1, 8),
+    max_bytes=st.one_of(st.none(), st.integers(1, 120)),
+    pace=st.integers(0, 5),
+    consumer_every=st.integers(0, 4),
+    batched=st.booleans(),
+)
+def test_every_message_is_delivered_or_counted_and_order_is_kept(
+    traffic: list[Message],
+    overflow: Overflow,
+    maxsize: int,
+    max_bytes: int | None,
+    pace: int,
+    consumer_every: int,
+    batched: bool,
+) -> None:
+    tagged = [
+        m + str(i) if isinstance(m, str) else m + str(i).encode() for i, m in enumerate(traffic)
+    ]
+    transport = ListTransport(tagged, pace)
+
+    async def run() -> tuple[list[Message], Inbox]:
+        got: list[Message] = []
+        async with guard(
+            transport, maxsize=maxsize, max_bytes=max_bytes, overflow=overflow
+        ) as inbox:
+            if batched:
+                async for batch in inbox.batches(3, 0.0):
+                    got.extend(batch)
+                    if consumer_every:
+                        await asyncio.sleep(0)
+            else:
+                async for message in inbox:
+                    got.append(message)
+                    if consumer_every and len(got) % consumer_every == 0:
+                        await asyncio.sleep(0)
+        return got, inbox
+
+    got, inbox = asyncio.run(run())
+    # Every message the transport gave is delivered or dropped with a reason; all are
+    # received unless the guard closed the connection (the rest is then never read).
+    assert inbox.delivered == len(got)
+    assert inbox.delivered + inbox.dropped == transport.sent
+    if transport.closed_with is None:
+        assert transport.sent == len(tagged)
+    assert sum(inbox.drops.values()) == inbox.dropped
+    # Delivered messages keep arrival order (a subsequence of what was sent).
+    it = iter(tagged)
+    assert all(any(m is s for s in it) for m in got)
+    if overflow == "block" and max_bytes is None:
+        assert got == tagged
+    if overflow == "close" and inbox.dropped:
+        assert transport.closed_with in (1013, 1009)
+        assert inbox.close_code == transport.closed_with
+
+
+@pytest.mark.asyncio
+async def test_the_block_is_entered_once_and_iterated_inside_only() -> None:
+    inbox = guard(ListTransport(["a"], 0), maxsize=2)
+    with pytest.raises(RuntimeError, match="outside"):
+        inbox.__aiter__()
+    async with inbox:
+        assert [m async for m in inbox] == ["a"]
+    with pytest.raises(RuntimeError, match="once"):
+        await inbox.__aenter__()
+    with pytest.raises(RuntimeError, match="outside"):
+        async for _ in inbox.batches(2, 0.1):
+            pass
+
+
+@pytest.mark.asyncio
+async def test_an_idle_connection_is_closed_and_its_stream_ends() -> None:
+    class Quiet(ListTransport):
+        async def receive(self) -> Message | None:
+            if self.closed_with is None:
+                await asyncio.sleep(3600)
+            return None
+
+    transport = Quiet([], 0)
+    async with guard(transport, maxsize=2, idle_timeout=0.05) as inbox:
+        assert [m async for m in inbox] == []
+    assert (transport.closed_with, inbox.close_code, inbox.close_reason) == (1000, 1000, "idle")

@@ -1,0 +1,92 @@
+"""loopguard.loop_load() and loop_lag(): a loop's recent delay and utilization, and the
+delay building up right now, read from a running watchdog's heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+from helpers import spin
+
+import loopguard
+
+# The tests run their own watchdogs and hold the loop on purpose.
+pytestmark = pytest.mark.loopguard(enabled=False)
+
+
+@pytest.mark.asyncio
+async def test_load_over_a_window_sees_a_held_loop() -> None:
+    with loopguard.watch(threshold=0.1, stats=True):
+        await asyncio.sleep(0.2)
+        quiet = loopguard.loop_load(5)
+        assert quiet is not None
+        assert quiet.heartbeats >= 3
+        spin(0.15)  # hold the loop; the next heartbeat is 150 ms late
+        await asyncio.sleep(0.1)
+        held = loopguard.loop_load(5)
+    assert held is not None
+    assert held.delay_max >= 0.12
+    assert held.delay_p99 >= 0.12
+    assert held.delay_p50 < 0.1  # most heartbeats were on time
+    assert held.utilization is not None and 0.3 < held.utilization <= 1.0
+    assert 0.2 <= held.window <= 5.0
+
+
+@pytest.mark.asyncio
+async def test_the_window_forgets_what_is_older() -> None:
+    with loopguard.watch(threshold=0.1):
+        spin(0.15)
+        await asyncio.sleep(0.6)
+        recent = loopguard.loop_load(0.3)
+        whole = loopguard.loop_load(5)
+    assert recent is not None and whole is not None
+    assert whole.delay_max >= 0.12
+    assert recent.window <= 0.3 < whole.window
+    assert recent.heartbeats < whole.heartbeats
+    assert recent.utilization is None  # no stats=True: not measured
+
+
+@pytest.mark.asyncio
+async def test_lag_is_the_delay_building_up_now() -> None:
+    with loopguard.watch(threshold=0.1):
+        await asyncio.sleep(0.1)
+        spin(0.12)
+        lag = loopguard.loop_lag()  # the heartbeat has not run since the spin began
+        load = loopguard.loop_load(1)
+        await asyncio.sleep(0.1)
+        after = loopguard.loop_lag()
+    assert lag is not None and lag >= 0.08
+    assert load is not None and load.lag >= 0.08
+    assert after is not None and after < 0.08
+
+
+@pytest.mark.asyncio
+async def test_no_watchdog_no_reading() -> None:
+    assert loopguard.current() is None
+    assert loopguard.loop_load() is None
+    assert loopguard.loop_lag() is None
+
+
+def test_no_running_loop_no_reading() -> None:
+    with loopguard.watch():
+        assert loopguard.loop_load() is None
+        assert loopguard.loop_lag() is None
+
+
+@pytest.mark.parametrize("window", [0, -1, 61, math.nan, math.inf, "5", True])
+def test_a_bad_window_is_refused_naming_it(window: object) -> None:
+    with pytest.raises(ValueError, match="window"):
+        loopguard.loop_load(window)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_lag_follows_the_watchdogs_that_come_and_go() -> None:
+    with loopguard.watch():
+        assert loopguard.loop_lag() is not None
+    assert loopguard.loop_lag() is None  # the watchdog it read has stopped
+    with loopguard.watch(threshold=0.1):
+        await asyncio.sleep(0.05)
+        spin(0.12)
+        lag = loopguard.loop_lag()
+    assert lag is not None and lag >= 0.05
