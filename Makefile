@@ -23,8 +23,8 @@ services:
 	@bash scripts/services.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check loopguard integrations tests benchmarks smoke noxfile.py
-	$(BIN)/ruff format --check loopguard integrations tests benchmarks smoke noxfile.py
+	$(BIN)/ruff check loopguard integrations tests benchmarks smoke examples noxfile.py
+	$(BIN)/ruff format --check loopguard integrations tests benchmarks smoke examples noxfile.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

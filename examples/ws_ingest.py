@@ -22,9 +22,9 @@ import json
 import time
 
 from fastapi import FastAPI, WebSocket
+from loopguard_integrations.starlette import guard_receive
 
 import loopguard
-from loopguard_integrations.starlette import guard_receive
 
 app = FastAPI()
 

@@ -210,7 +210,6 @@ def _demo(args: argparse.Namespace) -> int:
             sys.stderr.write("loopguard demo websocket needs the websockets package\n")
             return 2
         module = "loopguard_integrations.demo_websocket"
-        run.remove("--gil-dump")  # two processes and threads: keep the demo crash-free
     run += ["--", sys.executable, "-m", module]
     return subprocess.call(run)
 

@@ -16,8 +16,9 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, WebSocket
 from loopguard_integrations.broadcast import BackplaneUnavailable, Broadcast, Group
+from loopguard_integrations.starlette import guard_receive
 
 BROADCAST_URL = os.environ.get("CHAT_BROADCAST_URL", "redis://127.0.0.1:6379/0")
 CHANNEL = "chat"
@@ -56,18 +57,17 @@ async def health() -> dict[str, object]:
 async def chat(websocket: WebSocket, name: str) -> None:
     await websocket.accept()
     await websocket.send_text(json.dumps({"event": "welcome", "pid": os.getpid()}))
-    async with rooms[CHANNEL].attach(websocket):
-        try:
-            while True:
-                # TODO: receive through the WebSocket receive guard when it is on main:
-                # `async with guard_receive(websocket, maxsize=100,
-                # overflow="drop_oldest") as inbox: async for text in inbox: ...`
-                # (loopguard_integrations.starlette): a bounded inbox, keepalive.
-                text = await websocket.receive_text()
-                message = {"event": "message", "from": name, "pid": os.getpid(), "text": text}
-                try:
-                    await broadcast.publish(CHANNEL, json.dumps(message))
-                except BackplaneUnavailable:
-                    await websocket.send_text(json.dumps({"event": "error", "text": "retry"}))
-        except WebSocketDisconnect:
-            pass
+    # Sending: the room's bounded writer for this connection. Receiving: a bounded
+    # inbox that a slow publish can never turn into an unbounded backlog.
+    async with (
+        rooms[CHANNEL].attach(websocket),
+        guard_receive(websocket, maxsize=100, overflow="drop_oldest") as inbox,
+    ):
+        async for text in inbox:
+            if not isinstance(text, str):
+                continue
+            message = {"event": "message", "from": name, "pid": os.getpid(), "text": text}
+            try:
+                await broadcast.publish(CHANNEL, json.dumps(message))
+            except BackplaneUnavailable:
+                await websocket.send_text(json.dumps({"event": "error", "text": "retry"}))

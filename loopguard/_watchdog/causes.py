@@ -257,8 +257,9 @@ def diagnose(
             return Diagnosis("c-held-gil", culprit, (StackSample(1, held),), None, loop_cpu)
 
     # 2. Samples of the loop thread, unless the sampler was shut out for most of the stall
-    #    (then they show where the loop went next, not what held it).
-    if sampled and not (starved and in_callback):
+    #    (then they show where the loop went next, not what held it: back in select()
+    #    after a C call, or in the next callback).
+    if sampled and not starved:
         if in_callback:
             culprit = culprit_of(callback_frames(top)) or culprit_of(top)
             if (
