@@ -64,12 +64,17 @@ def instrumentor(monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopguardInstrumen
 def _records(exporter: Any, name: str, function: str = "blocked_handler") -> list[Any]:
     """The records of this event whose culprit is ``function`` (a loaded machine may
     pause the test and add a stall elsewhere)."""
-    return [
-        r.log_record
-        for r in exporter.get_finished_logs()
-        if r.log_record.event_name == name
-        and str(r.log_record.attributes.get("code.function.name")).endswith(function)
-    ]
+    deadline = time.monotonic() + 5
+    while True:
+        found = [
+            r.log_record
+            for r in exporter.get_finished_logs()
+            if r.log_record.event_name == name
+            and str(r.log_record.attributes.get("code.function.name")).endswith(function)
+        ]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 # -- options -----------------------------------------------------------------------------
@@ -221,7 +226,8 @@ def test_stall_outside_any_trace_has_no_trace_link(
     instrumentor.instrument(logger_provider=provider)
 
     async def main() -> None:
-        await asyncio.sleep(0.02)
+        # Let the watchdog's first heartbeats on this new loop run before blocking it.
+        await asyncio.sleep(0.2)
         blocked_handler()
 
     asyncio.run(main())
