@@ -128,10 +128,10 @@ def test_install_inside_running_loop_watches_it() -> None:
         return wd
 
     wd = asyncio.run(main())
-    stalls = stalls_of(wd)
-    assert len(stalls) == 1
-    assert stalls[0].culprit is not None
-    assert stalls[0].culprit.line == SLEEPY_LINE
+    # A loaded machine (or install() starting up inside the loop) may add a short stall
+    # of its own: the sleep is reported once, at its line.
+    stalls = [s for s in stalls_of(wd) if s.culprit is not None and s.culprit.line == SLEEPY_LINE]
+    assert len(stalls) == 1, stalls_of(wd)
 
 
 def test_loop_already_running_in_another_thread() -> None:
