@@ -143,14 +143,15 @@ class Capture:
                 self._unavailable = False
                 self.reason = None
 
-    def _close(self) -> None:
+    def _close(self) -> int | None:
+        """Let go of the helper and reap it; its exit status, or ``None`` if none ran."""
         proc, self._proc = self._proc, None
         self._inflight = None
         self._buffer = b""
         if proc is None:
-            return
+            return None
         _close_pipes(proc)
-        _reap(proc)
+        return _reap(proc)
 
     def _say(self, reason: str) -> None:
         self.reason = reason
@@ -202,13 +203,9 @@ class Capture:
 
     def _lost(self) -> None:
         """The helper died: reap it, say so once, restart it at the next arm."""
-        proc, self._proc = self._proc, None
-        self._inflight = None
-        self._buffer = b""
-        if proc is None:
+        status = self._close()
+        if status is None:
             return
-        _close_pipes(proc)
-        status = _reap(proc)
         how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
         self._restarts += 1
         self._say(
