@@ -143,6 +143,12 @@ class Report:
 # -- child side --------------------------------------------------------------------
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc``), in bytes."""
+    with open("/proc/self/statm", encoding="ascii") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def emit_result(
     metrics: Mapping[str, float],
     info: Mapping[str, Any] | None = None,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -58,14 +59,6 @@ RATE = 100  # messages the consumer processes per second
 SIZE = 8192  # large enough that 30 s of excess outgrows the loopback socket buffers
 
 
-def _rss() -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 # -- server process ----------------------------------------------------------------------
 
 
@@ -79,7 +72,7 @@ async def _serve(variant: str, port: int, out: Path) -> None:
     work_time = 1 / RATE
     lags: list[float] = []
     stats: dict[str, Any] = {"received": 0, "delivered": 0, "dropped": 0, "close_code": None}
-    rss: list[int] = [_rss()]
+    rss: list[int] = [h.rss_bytes()]
     done = asyncio.Event()
 
     @loopguard.offload
@@ -141,7 +134,7 @@ async def _serve(variant: str, port: int, out: Path) -> None:
     async def sample_rss() -> None:
         while True:
             await asyncio.sleep(0.5)
-            rss.append(_rss())
+            rss.append(h.rss_bytes())
 
     sampler = asyncio.create_task(sample_rss())
     async with serve(handler, "127.0.0.1", port, max_size=2**20):
@@ -168,7 +161,12 @@ async def _client(url: str, seconds: float) -> dict[str, Any]:
     ws = await connect(url, ping_interval=20, ping_timeout=20, max_size=2**20)
     start = time.monotonic()
     stop = start + seconds
-    pad = "x" * (SIZE - 21)
+
+    # Fresh random text per message: websockets compresses by default (permessage-
+    # deflate, with a 32 KiB window), and a repeated or uniform padding would shrink to
+    # a few bytes on the wire, so the socket buffers would hold the whole run's excess.
+    def pad() -> str:
+        return base64.b64encode(os.urandom((SIZE - 21) * 3 // 4)).decode()[: SIZE - 21]
 
     async def pinger() -> None:
         nonlocal lost_pings
@@ -190,7 +188,7 @@ async def _client(url: str, seconds: float) -> dict[str, Any]:
             due = start + sent / (2 * RATE)
             if due > now:
                 await asyncio.sleep(due - now)
-            await ws.send(f"{time.monotonic():20.6f}|{pad}")
+            await ws.send(f"{time.monotonic():20.6f}|{pad()}")
             sent += 1
     except ConnectionClosed:
         pass

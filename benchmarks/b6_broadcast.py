@@ -76,11 +76,6 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 # -- server ------------------------------------------------------------------------
 
 
@@ -149,7 +144,7 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(0.05)
         connected = members()
         await asyncio.sleep(0.5)
-        rss_before = _rss()
+        rss_before = h.rss_bytes()
         tick = asyncio.create_task(ticker())
         await asyncio.sleep(0.05)
         worst = 0.0
@@ -174,7 +169,7 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(0.5)
         ticking = False
         await tick
-        rss_after = _rss()
+        rss_after = h.rss_bytes()
         print("DONE", flush=True)
         # Let clients finish reading before connections close.
         with contextlib.suppress(Exception):
@@ -423,7 +418,7 @@ async def _cycles(total: int) -> dict[str, Any]:
         await asyncio.sleep(0.5)  # closing handshakes finish
         gc.collect()
         tracemalloc.start()
-        rss_before, traced_before = _rss(), tracemalloc.get_traced_memory()[0]
+        rss_before, traced_before = h.rss_bytes(), tracemalloc.get_traced_memory()[0]
         done = 0
         while done < total:
             await cycle_batch(url, 100)
@@ -433,7 +428,7 @@ async def _cycles(total: int) -> dict[str, Any]:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.5)
         gc.collect()
-        rss_after, traced_after = _rss(), tracemalloc.get_traced_memory()[0]
+        rss_after, traced_after = h.rss_bytes(), tracemalloc.get_traced_memory()[0]
         tracemalloc.stop()
     return {
         "cycles": done,

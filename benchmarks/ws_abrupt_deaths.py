@@ -30,10 +30,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-for _path in (str(ROOT), str(ROOT / "integrations")):
+for _path in (str(HERE), str(ROOT), str(ROOT / "integrations")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+import _harness as h  # noqa: E402
 import uvicorn  # noqa: E402
 from loopguard_integrations import _receiver  # noqa: E402
 from loopguard_integrations import starlette as lg_starlette  # noqa: E402
@@ -69,14 +70,6 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _rss() -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 async def _consume(inbox: _receiver.Inbox) -> None:
@@ -167,14 +160,14 @@ def main() -> int:
         _wait_inactive()
         gc.collect()
         _trim()
-        base_traced, base_rss = tracemalloc.get_traced_memory()[0], _rss()
+        base_traced, base_rss = tracemalloc.get_traced_memory()[0], h.rss_bytes()
         started = time.monotonic()
         _kill_clients(url, args.clients)
         settle = _wait_inactive()
         took = time.monotonic() - started
         gc.collect()
         _trim()
-        traced, rss = tracemalloc.get_traced_memory()[0], _rss()
+        traced, rss = tracemalloc.get_traced_memory()[0], h.rss_bytes()
         inboxes = sum(isinstance(o, _receiver.Inbox) for o in gc.get_objects())
         rows.append(
             (

@@ -12,9 +12,17 @@ the GIL at that moment: the direct evidence the cause rules need.
 
 Cost while the loop is healthy: one ``os.write`` of a few bytes per sampler wake; the
 helper sleeps in ``select()`` (no polling) and py-spy runs only when the sampler is
-starved. The helper starts at the first sampler wake (never on the loop thread),
-ends when the last watchdog stops, when this process exits or dies (end of file on
-its stdin, parent pid check), and is restarted in a forked child.
+starved *and* a watched loop has missed its heartbeat. A sampler can be shut out of
+the GIL while every loop is healthy: a loop that releases the GIL for a moment in each
+of many short iterations (uvloop's polls) wins it back each time before the waiting
+sampler is scheduled. So each watched loop's heartbeat also writes its time into a
+small shared-memory board (:class:`Board`, a ``memfd`` the helper maps read-only), and
+the helper reads the process only when some loop's last heartbeat is older than the
+limit the sampler sent with its deadline.
+
+The helper starts at the first sampler wake (never on the loop thread), ends when the
+last watchdog stops, when this process exits or dies (end of file on its stdin, parent
+pid check), and is restarted in a forked child.
 
 Where a dump cannot be taken (not Linux, py-spy not installed, the kernel refuses
 the read, the helper killed or slow) the reason is logged once and carried by the
@@ -30,6 +38,7 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import mmap
 import os
 import select
 import shutil
@@ -39,10 +48,11 @@ import sysconfig
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from ..events import Frame
 
-__all__ = ["CAPTURE", "READ_LATE", "Capture", "Dump", "find_py_spy"]
+__all__ = ["CAPTURE", "READ_LATE", "Board", "Capture", "Dump", "find_py_spy"]
 
 logger = logging.getLogger("loopguard")
 
@@ -108,6 +118,84 @@ def _allow_helper_to_read(pid: int) -> None:
         pass
 
 
+class Board:
+    """Each watched loop's latest heartbeat, in memory the capture helper also maps.
+
+    Slot ``i`` holds a ``time.monotonic()`` value, or 0 while free. The loop thread
+    writes its slot at every heartbeat (one store into a ``memoryview``); the helper
+    only reads. Linux only (``os.memfd_create``); elsewhere :meth:`take` returns -1 and
+    nothing is written.
+    """
+
+    SLOTS = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.fd = -1
+        self._map: mmap.mmap | None = None
+        # memoryview of C doubles (typed Any: typeshed's memoryview takes ints only).
+        self._ticks: Any = None
+        self._free: list[int] = []
+
+    def _open(self) -> bool:
+        if self._ticks is not None:
+            return True
+        create = getattr(os, "memfd_create", None)
+        if create is None:
+            return False
+        try:
+            fd = create("loopguard-heartbeats", getattr(os, "MFD_CLOEXEC", 0))
+            os.ftruncate(fd, 8 * self.SLOTS)
+            self._map = mmap.mmap(fd, 8 * self.SLOTS)
+        except OSError:
+            return False
+        self.fd = fd
+        self._ticks = memoryview(self._map).cast("d")
+        self._free = list(range(self.SLOTS - 1, -1, -1))
+        return True
+
+    def take(self, now: float) -> int:
+        """A free slot, marked with ``now``; -1 if none (or no shared memory here)."""
+        with self._lock:
+            if not self._open() or not self._free:
+                return -1
+            slot = self._free.pop()
+            assert self._ticks is not None
+            self._ticks[slot] = now
+            return slot
+
+    def tick(self, slot: int, now: float) -> None:
+        """Record a heartbeat (loop thread; no lock: one aligned 8-byte store)."""
+        ticks = self._ticks
+        if ticks is not None and slot >= 0:
+            ticks[slot] = now
+
+    def give_back(self, slot: int) -> None:
+        """The loop is no longer watched: its slot reads as free (0)."""
+        with self._lock:
+            if self._ticks is not None and 0 <= slot < self.SLOTS and slot not in self._free:
+                self._ticks[slot] = 0.0
+                self._free.append(slot)
+
+    def after_fork_in_child(self) -> None:
+        """A private copy: the parent's board stays the parent's helper's to read."""
+        self._lock = threading.Lock()
+        old, old_map, old_fd = self._ticks, self._map, self.fd
+        self._map, self._ticks, self.fd = None, None, -1
+        if old is None or old_map is None:
+            return
+        ticks, free = old.tolist(), list(self._free)
+        old.release()
+        old_map.close()  # shared with the parent: never written from here again
+        with contextlib.suppress(OSError):
+            os.close(old_fd)
+        if self._open():
+            assert self._ticks is not None
+            for slot, value in enumerate(ticks):  # the same slots, in memory of our own
+                self._ticks[slot] = value
+            self._free = free
+
+
 class Capture:
     """The process's one helper, shared by every watchdog (see the module docstring)."""
 
@@ -124,6 +212,8 @@ class Capture:
         #: Why captures cannot be taken now (``None`` while they can).
         self.reason: str | None = None
         self.find = find_py_spy  # replaceable: which binary to run
+        #: The heartbeats the helper checks before it reads the process.
+        self.board = Board()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -173,13 +263,15 @@ class Capture:
                 "hogs' lines) cannot be named; `pip install py-spy` to name them"
             )
             return False
+        board = self.board.fd
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", _HELPER, str(os.getpid()), py_spy],
+                [sys.executable, "-I", "-S", _HELPER, str(os.getpid()), py_spy, str(board)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 close_fds=True,
+                pass_fds=(board,) if board >= 0 else (),
             )
         except OSError as exc:
             self._say(f"the capture helper process could not start ({exc})")
@@ -215,9 +307,13 @@ class Capture:
 
     # -- the sampler's side ------------------------------------------------------------
 
-    def arm(self, deadline: float) -> None:
-        """Tell the helper the sampler runs again by ``deadline`` (monotonic)."""
-        self._send(b"D %.6f\n" % deadline)
+    def arm(self, deadline: float, stale: float) -> None:
+        """Tell the helper the sampler runs again by ``deadline`` (monotonic).
+
+        If it does not, the helper reads the process once some watched loop's last
+        heartbeat is more than ``stale`` seconds old.
+        """
+        self._send(b"D %.6f %.6f\n" % (deadline, stale))
 
     def disarm(self) -> None:
         """Nothing to watch: the helper waits without a deadline."""
@@ -337,6 +433,7 @@ class Capture:
         self._buffer = b""
         self._dumps.clear()
         self._restarts = 0
+        self.board.after_fork_in_child()
 
     def _at_exit(self) -> None:
         with self._lock:

@@ -6,15 +6,22 @@ interpreter, so its own GIL: a C call holding the parent's GIL does not stop it.
 
 Protocol, one text line per message:
 
-* parent to helper (stdin): ``D <deadline>``: the parent's sampler thread expects to
-  run again by ``deadline`` (``time.monotonic()``, the same clock in both processes on
-  Linux); ``X``: nothing to watch, wait. End of file: the parent closed the pipe or
-  died; the helper exits.
+* parent to helper (stdin): ``D <deadline> <stale>``: the parent's sampler thread
+  expects to run again by ``deadline`` (``time.monotonic()``, the same clock in both
+  processes on Linux), and a watched loop whose last heartbeat is older than ``stale``
+  seconds is stalled; ``X``: nothing to watch, wait. End of file: the parent closed
+  the pipe or died; the helper exits.
 * helper to parent (stdout): ``{"start": t}`` when a dump begins, then
   ``{"start": t, "end": t, "threads": [[ident, name, owns_gil, [[file, line,
   function], ...]], ...]}`` (frames innermost first) or ``{"start": t, "error": text}``.
 
-When a deadline passes with no new message, the sampler is starved: the helper runs
+The parent's heartbeat board (argument 3: a file descriptor of shared memory, or -1)
+holds each watched loop's last heartbeat time, 0 for a free slot. When a deadline
+passes with no new message, the sampler is starved. If every loop on the board has
+ticked within ``stale`` seconds, the loops are healthy (only the sampler is shut out,
+by a loop that releases and retakes the GIL many times a second): nothing is read, and
+the board is looked at again every :data:`RECHECK` seconds until the sampler writes or
+a loop goes stale. Otherwise the helper runs
 ``py-spy dump --pid PARENT --nonblocking --json``, which reads the parent's memory
 with ``process_vm_readv``: it never writes to the parent and never pauses it. One dump
 per starvation (retried once if the read raced the parent), then it waits for the
@@ -24,17 +31,39 @@ sampler to come back. A dump that takes longer than :data:`TIMEOUT` is killed.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import select
 import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 #: Seconds one py-spy dump may take before it is killed and reported as slow.
 TIMEOUT = 2.0
 #: How often to check that the parent is still alive while nothing else happens.
 ALIVE_CHECK = 5.0
+#: While the sampler is late but every loop ticks: how often to look at the board again.
+RECHECK = 0.01
+
+
+def _open_board(fd: int) -> Any:
+    if fd < 0:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        return memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ)).cast("d")
+    except (OSError, ValueError):
+        return None
+
+
+def _all_ticking(board: Any, stale: float) -> bool:
+    """Every watched loop ticked within ``stale`` seconds (False without a board)."""
+    if board is None or stale <= 0:
+        return False
+    now = time.monotonic()
+    return all(t == 0.0 or now - t <= stale for t in board)
 
 
 def _emit(message: dict[str, object]) -> None:
@@ -92,7 +121,9 @@ def main(argv: list[str]) -> int:
     """Watch the parent's sampler deadline on stdin; dump the parent when it passes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which closes us
     pid, py_spy = int(argv[1]), argv[2]
+    board = _open_board(int(argv[3])) if len(argv) > 3 else None
     deadline: float | None = None
+    stale = 0.0
     pending = b""
     while True:
         timeout = ALIVE_CHECK if deadline is None else max(0.0, deadline - time.monotonic())
@@ -107,11 +138,16 @@ def main(argv: list[str]) -> int:
             *lines, pending = pending.split(b"\n")
             for line in lines:
                 if line.startswith(b"D "):
-                    deadline = float(line[2:])
+                    fields = line[2:].split()
+                    deadline = float(fields[0])
+                    stale = float(fields[1]) if len(fields) > 1 else 0.0
                 elif line == b"X":
                     deadline = None
             continue
         if deadline is not None and time.monotonic() >= deadline:
+            if _all_ticking(board, stale):
+                deadline = time.monotonic() + RECHECK  # healthy loops: look again soon
+                continue
             deadline = None  # one dump per starvation: wait for the sampler's next word
             _emit(_dump(pid, py_spy))
 

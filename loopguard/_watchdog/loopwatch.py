@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..events import Frame
 from ..metrics import EVENTLOOP_DELAY
 from ..metrics import record as _record
+from .capture import CAPTURE
 from .causes import CpuSnapshot
 from .loopstats import LoopStats
 from .registry import watches_of
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["LoopWatch", "Ongoing", "run_queue_wait", "trio_beat"]
 
 _monotonic = time.monotonic
+_board_tick = CAPTURE.board.tick
 #: Task names kept per stall (``Stall.tasks``).
 MAX_TASKS = 8
 
@@ -61,6 +63,7 @@ class LoopWatch:
         "recent",
         "reports",
         "running_task",
+        "slot",
         "stats",
         "thread_id",
         "thread_name",
@@ -76,6 +79,8 @@ class LoopWatch:
         self.native_id = threading.get_native_id()
         self.thread_name = threading.current_thread().name
         self.last_tick = _monotonic()
+        # This loop's place on the capture helper's heartbeat board (-1: none).
+        self.slot = CAPTURE.board.take(self.last_tick) if wd.config.gil_dump else -1
         self.pending: list[tuple[float, float]] = []  # (end, gap) of long gaps, loop-written
         self.delay = DelayHistogram()
         # The recent past, for loopguard.loop_load(): each heartbeat's lateness, and
@@ -106,6 +111,8 @@ class LoopWatch:
         now = _monotonic()
         gap = now - self.last_tick
         self.last_tick = now
+        if self.slot >= 0:
+            _board_tick(self.slot, now)
         late = gap - self.period
         self.delay.record(late)
         self.recent.append((now, late))

@@ -107,6 +107,8 @@ class Watchdog:
         self._clocks = CpuClocks()
         self._snapshot: CpuSnapshot | None = None
         self._wakes = 0
+        self._passes = 0  # sampler passes ended, their stalls emitted (see flush)
+        self._reporters: list[threading.Thread] = []
         self._carried: list[tuple[float, SlowCallback]] = []  # precise notes held one wake
         self._waited: list[tuple[float, SlowCallback]] = []
         self._noticed: set[str] = set()
@@ -216,11 +218,12 @@ class Watchdog:
         return [w.stats.snapshot("api") for w in watches if w.stats is not None]
 
     def flush(self, timeout: float = 1.0) -> bool:
-        """Wait until every stall that has happened is reported.
+        """Wait until every stall that has happened has reached the sinks.
 
         The sampler thread reports a stall once the loop's heartbeat resumes, or right
         after its loop stops (the last callback of ``run_until_complete`` blocked).
-        This waits for both, and for a stall in progress to end.
+        This waits for both, for a stall in progress to end, for the sinks to have
+        received each one, and for blocking calls reported so far.
 
         Args:
             timeout: Seconds to wait at most.
@@ -242,12 +245,46 @@ class Watchdog:
                     or w.ongoing is not None
                     or now - w.last_tick >= w.threshold
                 ]
-            if not busy or not self.running:
+            if not self.running:
                 return True
+            if not busy:
+                # The sampler may be between taking a stall off its loop and handing it
+                # to the sinks: one whole pass after this point has emitted it.
+                done = self._one_more_pass(deadline) and self._reports_done(deadline)
+                guard = self.blocking_guard
+                if guard is not None:  # blocking calls go to the sinks on their own thread
+                    done = guard.flush(max(0.0, deadline - _monotonic())) and done
+                return done
             if _monotonic() >= deadline:
                 return False
             self._wake.set()
             time.sleep(0.001)
+
+    def _one_more_pass(self, deadline: float) -> bool:
+        """Wait until a sampler pass that began after this call has ended."""
+        if threading.current_thread() is self._thread:
+            return True  # called from a sink: this pass is the one emitting
+        seen = self._passes
+        while self._passes < seen + 2 and self.running:
+            # seen + 2: the pass running at ``seen`` may have begun before this call.
+            thread = self._thread
+            if thread is None or not thread.is_alive() or _monotonic() >= deadline:
+                return thread is None or not thread.is_alive()
+            self._wake.set()
+            time.sleep(0.001)
+        return True
+
+    def _reports_done(self, deadline: float) -> bool:
+        """Wait for the short-lived threads of :meth:`report` to hand over their event."""
+        with self._lock:
+            reporters, self._reporters = self._reporters, []
+        for thread in reporters:
+            thread.join(max(0.0, deadline - _monotonic()))
+        alive = [t for t in reporters if t.is_alive()]
+        if alive:
+            with self._lock:
+                self._reporters.extend(alive)
+        return not alive
 
     @property
     def logs(self) -> bool:
@@ -260,9 +297,13 @@ class Watchdog:
         Sinks may write files or call user code, so they run on a short-lived thread:
         the caller, often the loop thread, never waits for them.
         """
-        threading.Thread(
+        thread = threading.Thread(
             target=self.sinks.emit, args=(event,), name="loopguard-report", daemon=True
-        ).start()
+        )
+        with self._lock:
+            self._reporters = [t for t in self._reporters if t.is_alive()]
+            self._reporters.append(thread)
+        thread.start()
 
     @contextlib.contextmanager
     def watching_trio_task_run(self) -> Iterator[None]:
@@ -334,6 +375,9 @@ class Watchdog:
             if watch in self._watches:
                 self._watches.remove(watch)
                 self._finished_delay.merge(watch.delay)
+        if watch.slot >= 0:
+            CAPTURE.board.give_back(watch.slot)
+            watch.slot = -1
         if watch.stats is not None:
             retire_stats(watch.stats)
 
@@ -369,6 +413,12 @@ class Watchdog:
             else:
                 self._start_trio_heartbeat()
         # Loops running in other threads: found once, attached from their own thread.
+        # The heap walk is skipped when no other thread could be running one.
+        # (Threads started with ``_thread`` count: every thread with a Python state does.)
+        others = set(sys._current_frames()) - {threading.get_ident()}
+        others -= {t.ident for t in threading.enumerate() if t.name.startswith("loopguard-")}
+        if not others:
+            return
         for obj in gc.get_objects():
             try:  # isinstance() of a dead weakref.proxy raises ReferenceError
                 if (
@@ -397,6 +447,9 @@ class Watchdog:
         interval = self.config.period
         tolerance = max(interval, 4 * sys.getswitchinterval())
         margin = max(2 * interval, _MIN_CAPTURE_MARGIN)
+        # A loop whose heartbeat is this old is in trouble: the helper reads the process
+        # only then (a sampler shut out while every loop ticks needs no capture).
+        stale = self.config.threshold / 2
         capture = self.config.gil_dump
         planned = _monotonic()
         while not self._stop:
@@ -414,7 +467,7 @@ class Watchdog:
                 # the GIL (or the OS keeps this one off the CPU): the helper process
                 # reads every thread's stack from outside (see .capture).
                 if capture:
-                    CAPTURE.arm(planned + margin)
+                    CAPTURE.arm(planned + margin, stale)
                 self._wake.wait(planned - _monotonic())
             self._wake.clear()
 
@@ -457,6 +510,7 @@ class Watchdog:
                 trace = trace_context(stall.attributes.get(TRACE_PARENT))
                 _record(EVENTLOOP_STALL_DURATION, stall.duration, None, trace)
             self.sinks.emit(stall)
+        self._passes += 1
         return next_wake, bool(watches)
 
     def _merge_precise(
@@ -525,7 +579,11 @@ class Watchdog:
             return now + threshold
         if watch.ongoing is None:
             if now - last_tick < threshold:
-                return last_tick + threshold
+                # With captures on, look once half-way as well: a sampler shut out by a
+                # C call from then on arms the capture early enough to read a stall of
+                # threshold + interval while it lasts (py-spy needs 20-30 ms).
+                halfway = last_tick + threshold / 2
+                return halfway if self.config.gil_dump and now < halfway else last_tick + threshold
             if not watch.is_running():  # a loop we joined while running has stopped
                 self._detach(watch)
                 return now
@@ -642,6 +700,10 @@ class Watchdog:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread = None
+        for watch in self._watches:
+            if watch.thread_id != me and watch.slot >= 0:  # its loop is not in this process
+                CAPTURE.board.give_back(watch.slot)  # (the board is this child's own now)
+                watch.slot = -1
         self._watches = [w for w in self._watches if w.thread_id == me]
         for watch in self._watches:
             watch.ongoing = None

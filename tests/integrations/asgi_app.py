@@ -4,15 +4,19 @@ Run under a real uvicorn by ``asgi_server.py`` (stalls as JSON lines) and
 ``prom_server.py`` (metrics to Prometheus); lines marked ``MARK:`` are asserted on.
 Between them the routes produce every metric the dashboard shows from loopguard:
 stalls, blocking calls, offloaded calls, a guarded WebSocket receive loop (queue
-size, drops, time in queue) and (under load) shed requests.
+size, drops, time in queue), a broadcast subscriber evicted for falling behind and
+(under load) shed requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import BackgroundTasks, FastAPI, WebSocket
+from loopguard_integrations.broadcast import Broadcast
 from loopguard_integrations.starlette import guard_receive
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -44,7 +48,14 @@ def resize(seconds: float) -> str:
 
 
 def make_app() -> FastAPI:
-    app = FastAPI()
+    broadcast = Broadcast("memory://")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        async with broadcast:
+            yield
+
+    app = FastAPI(lifespan=lifespan)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -86,6 +97,15 @@ def make_app() -> FastAPI:
         async with guard_receive(websocket, maxsize=2, overflow="drop_oldest") as inbox:
             async for _reading in inbox:
                 await asyncio.sleep(0.05)
+
+    @app.post("/announce")
+    async def announce(count: int = 3) -> dict[str, int]:
+        # A subscriber that never reads: its queue of one overflows and it is evicted.
+        evicted = 0
+        async with broadcast.subscribe("news", maxsize=1, overflow="close"):
+            for i in range(count):
+                evicted += (await broadcast.publish("news", f"item {i}")).evicted
+        return {"evicted": evicted}
 
     @app.websocket("/ws")
     async def echo(websocket: WebSocket) -> None:

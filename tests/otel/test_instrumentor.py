@@ -63,18 +63,14 @@ def instrumentor(monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopguardInstrumen
 
 def _records(exporter: Any, name: str, function: str = "blocked_handler") -> list[Any]:
     """The records of this event whose culprit is ``function`` (a loaded machine may
-    pause the test and add a stall elsewhere)."""
-    deadline = time.monotonic() + 5
-    while True:
-        found = [
-            r.log_record
-            for r in exporter.get_finished_logs()
-            if r.log_record.event_name == name
-            and str(r.log_record.attributes.get("code.function.name")).endswith(function)
-        ]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+    pause the test and add a stall elsewhere). Read at once: ``settle`` has waited
+    until the sinks received every event."""
+    return [
+        r.log_record
+        for r in exporter.get_finished_logs()
+        if r.log_record.event_name == name
+        and str(r.log_record.attributes.get("code.function.name")).endswith(function)
+    ]
 
 
 # -- options -----------------------------------------------------------------------------

@@ -316,3 +316,34 @@ def test_capture_costs_no_helper_while_no_loop_is_watched() -> None:
         time.sleep(0.3)  # no loop: the sampler never wakes, the helper never starts
         assert CAPTURE._proc is None
     assert threading.active_count() >= 1
+
+
+async def _busy_but_healthy(seconds: float) -> None:
+    """200 tasks that only yield: thousands of short iterations, no stall.
+
+    On uvloop each iteration releases the GIL for a moment and takes it back before a
+    waiting sampler thread is scheduled, so the sampler misses its deadline now and
+    then while the loop ticks on time.
+    """
+    end = time.monotonic() + seconds
+
+    async def stepper() -> None:
+        while time.monotonic() < end:
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(stepper() for _ in range(200)))
+
+
+@needs_py_spy
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_busy_healthy_loop_takes_no_capture(loop_kind: str) -> None:
+    runner: Any = asyncio.run
+    if loop_kind == "uvloop":
+        runner = pytest.importorskip("uvloop").run
+    with loopguard.watch(threshold=THRESHOLD, log=False) as wd:
+        runner(_busy_but_healthy(3.0))
+        assert _stalls(wd) == [] or all(s.cause == "scheduler" for s in wd.stalls)
+        assert CAPTURE._proc is not None  # the helper ran, armed, throughout
+        assert [d for d in CAPTURE._dumps] == []  # and never read the process
+    # Every heartbeat slot is free again.
+    assert sorted(CAPTURE.board._free) == list(range(CAPTURE.board.SLOTS))
