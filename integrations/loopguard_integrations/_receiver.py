@@ -17,9 +17,10 @@ ping. Everything else is here, once:
   times the pong, and closes an idle connection;
 - the **account**: every message received is delivered, dropped with a reason, or still
   queued; :class:`~loopguard.ConnectionClosed` says why a connection was closed;
-- the **metrics**: time in queue and process duration are recorded per message; queue
-  size, capacity, lag, messages and active connections are observed at collection time
-  from the registry of live inboxes, so they cost nothing per message.
+- the **metrics**: time in queue and process duration are recorded per message (a
+  random share of them above :data:`~._wsmetrics.HISTOGRAM_BUDGET` messages a second);
+  queue size, capacity, lag, messages and active connections are observed at
+  collection time from the registry of live inboxes, so they cost nothing per message.
 
 Leaving the ``async with`` block (normally, by an exception or by cancellation) cancels
 and awaits both tasks: nothing is left behind.
@@ -40,6 +41,7 @@ from loopguard.events import ConnectionClosed
 
 from ._queue import BoundedQueue, Overflow, QueueClosed, check_bounds
 from ._wsmetrics import registry as _registry
+from ._wsmetrics import sampler as _sampler
 
 __all__ = [
     "CLOSE_CODES",
@@ -173,6 +175,7 @@ class Inbox:
         self._keeper: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._finished = False
+        self._sampled = False  # the last message handed out has its histograms recorded
 
     # -- what users read -------------------------------------------------------------
 
@@ -249,9 +252,12 @@ class Inbox:
                 message = await queue.get()
             except QueueClosed:
                 break
-            taken = time.perf_counter()
-            yield message
-            record(m.WEBSOCKET_PROCESS_DURATION, time.perf_counter() - taken, attrs)
+            if self._sampled:
+                taken = time.perf_counter()
+                yield message
+                record(m.WEBSOCKET_PROCESS_DURATION, time.perf_counter() - taken, attrs)
+            else:
+                yield message
             if self._state != "open":
                 self._usable()
         self._raise_error()
@@ -282,9 +288,11 @@ class Inbox:
             batch = await self._queue.get_batch(max_items, max_wait)
             if not batch:
                 break
+            sampled = self._sampled
             taken = time.perf_counter()
             yield batch
-            m.record(m.WEBSOCKET_PROCESS_DURATION, time.perf_counter() - taken, self._attrs)
+            if sampled:
+                m.record(m.WEBSOCKET_PROCESS_DURATION, time.perf_counter() - taken, self._attrs)
             self._usable()
         self._raise_error()
 
@@ -294,7 +302,9 @@ class Inbox:
             raise error
 
     def _on_get(self, wait: float) -> None:
-        m.record(m.WEBSOCKET_RECEIVE_TIME_IN_QUEUE, wait, self._attrs)
+        self._sampled = _sampler.take()
+        if self._sampled:
+            m.record(m.WEBSOCKET_RECEIVE_TIME_IN_QUEUE, wait, self._attrs)
 
     # -- the block -------------------------------------------------------------------
 

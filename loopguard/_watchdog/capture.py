@@ -128,6 +128,10 @@ class Board:
     """
 
     SLOTS = 256
+    #: The last two slots are the sampler's: its deadline (0: nothing to watch) and the
+    #: age of a heartbeat that counts as stale. Loops get the others.
+    DEADLINE = SLOTS - 1
+    STALE = SLOTS - 2
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -136,6 +140,11 @@ class Board:
         # memoryview of C doubles (typed Any: typeshed's memoryview takes ints only).
         self._ticks: Any = None
         self._free: list[int] = []
+
+    def open(self) -> bool:
+        """Create the shared memory (once); False where it cannot be."""
+        with self._lock:
+            return self._open()
 
     def _open(self) -> bool:
         if self._ticks is not None:
@@ -151,7 +160,16 @@ class Board:
             return False
         self.fd = fd
         self._ticks = memoryview(self._map).cast("d")
-        self._free = list(range(self.SLOTS - 1, -1, -1))
+        self._free = list(range(self.STALE - 1, -1, -1))
+        return True
+
+    def arm(self, deadline: float, stale: float) -> bool:
+        """Write the sampler's deadline for the helper; False without shared memory."""
+        ticks = self._ticks
+        if ticks is None:
+            return False
+        ticks[self.STALE] = stale
+        ticks[self.DEADLINE] = deadline
         return True
 
     def take(self, now: float) -> int:
@@ -173,7 +191,7 @@ class Board:
     def give_back(self, slot: int) -> None:
         """The loop is no longer watched: its slot reads as free (0)."""
         with self._lock:
-            if self._ticks is not None and 0 <= slot < self.SLOTS and slot not in self._free:
+            if self._ticks is not None and 0 <= slot < self.STALE and slot not in self._free:
                 self._ticks[slot] = 0.0
                 self._free.append(slot)
 
@@ -214,6 +232,8 @@ class Capture:
         self.find = find_py_spy  # replaceable: which binary to run
         #: The heartbeats the helper checks before it reads the process.
         self.board = Board()
+        self._boarded = False
+        self._armed = False  # the helper was told to read the deadline from the board
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -263,7 +283,9 @@ class Capture:
                 "hogs' lines) cannot be named; `pip install py-spy` to name them"
             )
             return False
-        board = self.board.fd
+        board = self.board.fd if self.board.open() else -1
+        self._boarded = board >= 0  # the helper reads the board, not deadline lines
+        self._armed = False
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", _HELPER, str(os.getpid()), py_spy, str(board)],
@@ -311,12 +333,29 @@ class Capture:
         """Tell the helper the sampler runs again by ``deadline`` (monotonic).
 
         If it does not, the helper reads the process once some watched loop's last
-        heartbeat is more than ``stale`` seconds old.
+        heartbeat is more than ``stale`` seconds old. With the heartbeat board this is
+        two stores into shared memory (no system call: the sampler keeps the GIL);
+        without it, a line on the helper's pipe.
         """
-        self._send(b"D %.6f %.6f\n" % (deadline, stale))
+        with self._lock:
+            if not self._alive():
+                return
+            if self._boarded and self.board.arm(deadline, stale):
+                if self._armed:
+                    return
+                self._armed = True
+                message = b"A\n"  # from now on the deadline is on the board
+            else:
+                message = b"D %.6f %.6f\n" % (deadline, stale)
+        self._send(message)
 
     def disarm(self) -> None:
         """Nothing to watch: the helper waits without a deadline."""
+        with self._lock:
+            if self._proc is None:
+                return
+            self._armed = False
+            self.board.arm(0.0, 0.0)
         self._send(b"X\n")
 
     def _send(self, message: bytes) -> None:

@@ -9,8 +9,9 @@ Protocol, one text line per message:
 * parent to helper (stdin): ``D <deadline> <stale>``: the parent's sampler thread
   expects to run again by ``deadline`` (``time.monotonic()``, the same clock in both
   processes on Linux), and a watched loop whose last heartbeat is older than ``stale``
-  seconds is stalled; ``X``: nothing to watch, wait. End of file: the parent closed
-  the pipe or died; the helper exits.
+  seconds is stalled; ``A``: the same two numbers are on the board from now on (the
+  sampler writes them there at each wake, with no system call); ``X``: nothing to
+  watch, wait. End of file: the parent closed the pipe or died; the helper exits.
 * helper to parent (stdout): ``{"start": t}`` when a dump begins, then
   ``{"start": t, "end": t, "threads": [[ident, name, owns_gil, [[file, line,
   function], ...]], ...]}`` (frames innermost first) or ``{"start": t, "error": text}``.
@@ -63,7 +64,7 @@ def _all_ticking(board: Any, stale: float) -> bool:
     if board is None or stale <= 0:
         return False
     now = time.monotonic()
-    return all(t == 0.0 or now - t <= stale for t in board)
+    return all(t == 0.0 or now - t <= stale for t in board[:-2])  # the last two: the sampler's
 
 
 def _emit(message: dict[str, object]) -> None:
@@ -118,15 +119,38 @@ def _dump(pid: int, py_spy: str) -> dict[str, object]:
 
 
 def main(argv: list[str]) -> int:
-    """Watch the parent's sampler deadline on stdin; dump the parent when it passes."""
+    """Watch the parent's sampler deadline; dump the parent when it passes and a loop is stale.
+
+    With a board (argument 3) the deadline and the stale age are read from it, and the
+    pipe only says ``A`` (armed: read the board) or ``X``; without one, ``D`` lines carry
+    them.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which closes us
     pid, py_spy = int(argv[1]), argv[2]
     board = _open_board(int(argv[3])) if len(argv) > 3 else None
-    deadline: float | None = None
-    stale = 0.0
+    armed = False  # board mode: the sampler keeps its deadline on the board
+    line_deadline: float | None = None
+    line_stale = 0.0
+    dumped_for: float | None = None  # one dump per starvation (per deadline)
     pending = b""
     while True:
-        timeout = ALIVE_CHECK if deadline is None else max(0.0, deadline - time.monotonic())
+        if board is not None:
+            deadline = (board[-1] or None) if armed else None
+            stale = board[-2]
+        else:
+            deadline, stale = line_deadline, line_stale
+        now = time.monotonic()
+        if deadline is None:
+            timeout = ALIVE_CHECK
+        elif now < deadline:
+            timeout = deadline - now
+        elif deadline == dumped_for or _all_ticking(board, stale):
+            timeout = RECHECK  # dumped already, or healthy loops: look again soon
+        else:
+            dumped_for = deadline
+            line_deadline = None if board is None else line_deadline
+            _emit(_dump(pid, py_spy))
+            continue
         ready, _, _ = select.select([0], [], [], min(timeout, ALIVE_CHECK))
         if os.getppid() != pid:
             return 0
@@ -139,17 +163,12 @@ def main(argv: list[str]) -> int:
             for line in lines:
                 if line.startswith(b"D "):
                     fields = line[2:].split()
-                    deadline = float(fields[0])
-                    stale = float(fields[1]) if len(fields) > 1 else 0.0
+                    line_deadline = float(fields[0])
+                    line_stale = float(fields[1]) if len(fields) > 1 else 0.0
+                elif line == b"A":
+                    armed = True
                 elif line == b"X":
-                    deadline = None
-            continue
-        if deadline is not None and time.monotonic() >= deadline:
-            if _all_ticking(board, stale):
-                deadline = time.monotonic() + RECHECK  # healthy loops: look again soon
-                continue
-            deadline = None  # one dump per starvation: wait for the sampler's next word
-            _emit(_dump(pid, py_spy))
+                    armed, line_deadline = False, None
 
 
 if __name__ == "__main__":

@@ -477,12 +477,16 @@ class Watchdog:
         ``late`` is how long after its planned wake the sampler ran (0 when on time).
         """
         threshold = self.config.threshold
-        if self.config.gil_dump:
+        with self._lock:
+            watches = list(self._watches)
+        # The helper writes only after a capture, and it captures only while this thread
+        # is late: read its pipe then (or while a stall lasts), not at every wake. Each
+        # system call here gives up the GIL, and a loop that iterates fast takes many
+        # milliseconds to give it back.
+        if self.config.gil_dump and (late or final or any(w.ongoing for w in watches)):
             CAPTURE.poll()
         snapshot = self._clocks.snapshot()
         next_wake = now + threshold
-        with self._lock:
-            watches = list(self._watches)
         stalls: list[tuple[float, Stall]] = []
         for watch in watches:
             if final:  # the watchdog stops: whatever a loop still holds is reported now

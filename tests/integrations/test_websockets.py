@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from helpers import collect, line_of
-from loopguard_integrations import _receiver
+from loopguard_integrations import _receiver, _wsmetrics
 from loopguard_integrations.websockets import guard_receive
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 from websockets.asyncio.client import connect
@@ -234,6 +234,7 @@ def test_abrupt_client_deaths_leave_nothing_behind(reader: InMemoryMetricReader)
 
 @pytest.mark.asyncio
 async def test_metrics(reader: InMemoryMetricReader) -> None:
+    _wsmetrics.sampler.reset()  # below the budget every message's histograms are kept
     handler = Handler(maxsize=3, overflow="drop_newest", ping_interval=0.1, route="/feed")
     handler.delay = 0.5
     async with websockets_server_async(handler) as (url, _):

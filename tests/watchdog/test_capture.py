@@ -346,4 +346,4 @@ def test_busy_healthy_loop_takes_no_capture(loop_kind: str) -> None:
         assert CAPTURE._proc is not None  # the helper ran, armed, throughout
         assert [d for d in CAPTURE._dumps] == []  # and never read the process
     # Every heartbeat slot is free again.
-    assert sorted(CAPTURE.board._free) == list(range(CAPTURE.board.SLOTS))
+    assert sorted(CAPTURE.board._free) == list(range(CAPTURE.board.STALE))
