@@ -425,14 +425,17 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--control", type=float, default=60.0)
     parser.add_argument("--crash-count", type=int, default=0, metavar="N")
+    parser.add_argument("--gap", type=float, default=GAP, help="healthy seconds between stalls")
+    parser.add_argument("--loop", choices=LOOPS, action="append", help="only this loop")
     args = parser.parse_args(argv)
+    loops = tuple(args.loop or LOOPS)
     if args.crash_count:
-        return crash_main(args.crash_count, args.busy)
+        return crash_main(args.crash_count, args.busy, args.gap, loops)
     loads = ["busy"] if args.busy else ["idle"] if args.idle else ["idle", "busy"]
     reps, control = (1, 5.0) if args.quick else (args.reps, args.control)
     results = {}
     for load in loads:
-        for loop in LOOPS:
+        for loop in loops:
             print(f"[b3 classes] {loop}, {load}...", file=sys.stderr, flush=True)
             results[(loop, load)] = run_child(loop, "0.2,0.4", reps, control, load == "busy")
     print(f"### Every class named, default options ({os.cpu_count()} cores)\n")
@@ -449,13 +452,15 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-def crash_main(n: int, busy: bool) -> int:
+def crash_main(n: int, busy: bool, gap: float = GAP, loops: Sequence[str] = LOOPS) -> int:
     """N stalls of every class per loop, short, with churn between: count crashes."""
     reps = max(1, n // 2)  # two lengths per class
     results = {}
-    for loop in LOOPS:
+    for loop in loops:
         print(f"[b3 crash count] {loop}: {n} stalls of each class...", file=sys.stderr, flush=True)
-        results[(loop, "busy" if busy else "idle")] = run_child(loop, "0.15,0.25", reps, 1.0, busy)
+        results[(loop, "busy" if busy else "idle")] = run_child(
+            loop, "0.15,0.25", reps, 1.0, busy, gap
+        )
     print("### Crashes over many stalls of every class (task and thread churn between)\n")
     print("| loop | stalls | crashes (killed by a signal) | crash warnings | named |")
     print("|---|---|---|---|---|")
