@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import logging
 import sys
 import threading
@@ -413,23 +412,9 @@ class Watchdog:
             else:
                 self._start_trio_heartbeat()
         # Loops running in other threads: found once, attached from their own thread.
-        # The heap walk is skipped when no other thread could be running one.
-        # (Threads started with ``_thread`` count: every thread with a Python state does.)
-        others = set(sys._current_frames()) - {threading.get_ident()}
-        others -= {t.ident for t in threading.enumerate() if t.name.startswith("loopguard-")}
-        if not others:
-            return
-        for obj in gc.get_objects():
-            try:  # isinstance() of a dead weakref.proxy raises ReferenceError
-                if (
-                    isinstance(obj, asyncio.AbstractEventLoop)
-                    and obj is not loop
-                    and obj.is_running()
-                    and not obj.is_closed()
-                ):
-                    self.watch_loop(obj)
-            except Exception:
-                continue
+        for other in _loops_in_other_threads():
+            if other is not loop:
+                self.watch_loop(other)
 
     # -- sampler thread --------------------------------------------------------------
 
@@ -767,3 +752,48 @@ def _task_name(task: object) -> str | None:
         return task.get_name() if task is not None else None  # type: ignore[attr-defined]
     except Exception:
         return None
+
+
+#: Functions whose frame holds a running loop: the loop's own ``run_forever`` and
+#: friends (``self``), ``asyncio.Runner.run`` (``self._loop``) and 3.10's
+#: ``asyncio.run`` (``loop``). uvloop's ``run_forever`` is C, but the runner above it
+#: is Python.
+_LOOP_FRAMES = frozenset({"run_forever", "run_until_complete", "_run_once", "run"})
+
+
+def _loops_in_other_threads() -> list[asyncio.AbstractEventLoop]:
+    """The asyncio (and uvloop) loops running in other threads now.
+
+    Read from those threads' stacks: only frames of :data:`_LOOP_FRAMES` functions are
+    looked into, and only for the loop they run; nothing of them is kept. (Walking the
+    whole heap for loop objects took hundreds of milliseconds in a large process, on
+    the loop thread when ``install()`` is called inside a running loop.)
+    """
+    me = threading.get_ident()
+    found: list[asyncio.AbstractEventLoop] = []
+    frames = sys._current_frames()
+    try:
+        for ident, frame in frames.items():
+            if ident == me:
+                continue
+            f: Any = frame
+            while f is not None:
+                if f.f_code.co_name in _LOOP_FRAMES:
+                    local = f.f_locals
+                    owner = local.get("self")
+                    for candidate in (owner, getattr(owner, "_loop", None), local.get("loop")):
+                        try:
+                            if (
+                                isinstance(candidate, asyncio.AbstractEventLoop)
+                                and candidate.is_running()
+                                and not candidate.is_closed()
+                                and candidate not in found
+                            ):
+                                found.append(candidate)
+                        except Exception:
+                            continue
+                    del local, owner
+                f = f.f_back
+    finally:
+        del frames
+    return found

@@ -411,3 +411,28 @@ def test_a_dead_weakref_proxy_does_not_stop_a_watchdog_from_starting() -> None:
     with loopguard.watch() as wd:
         assert wd.running
     assert proxies
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_loop_already_running_in_another_thread_is_found(loop_kind: str) -> None:
+    """watch() started after a thread's loop is running finds it (from its stack)."""
+    watching = threading.Event()
+    running = threading.Event()
+
+    async def main() -> None:
+        running.set()
+        while not watching.is_set():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the watchdog attaches from this loop's own thread
+        sleepy(0.3)
+        await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=run_on, args=(loop_kind, main), name="loop-thread")
+    thread.start()
+    assert running.wait(10)
+    with loopguard.watch(threshold=THRESHOLD, interval=INTERVAL, log=False) as wd:
+        watching.set()
+        thread.join(10)
+        stalls = stalls_of(wd)
+    found = [s for s in stalls if s.culprit is not None and s.culprit.line == SLEEPY_LINE]
+    assert found and found[0].thread == "loop-thread", stalls
