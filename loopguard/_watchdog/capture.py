@@ -10,9 +10,10 @@ blocking, never pauses it, so a dump cannot crash what it reads (a read that rac
 the program fails with "Bad address" and is retried). It also says which thread held
 the GIL at that moment: the direct evidence the cause rules need.
 
-Cost while the loop is healthy: one ``os.write`` of a few bytes per sampler wake; the
-helper sleeps in ``select()`` (no polling) and py-spy runs only when the sampler is
-starved *and* a watched loop has missed its heartbeat. A sampler can be shut out of
+Cost while the loop is healthy: two stores into shared memory per sampler wake (its
+deadline, on the board below; no system call) and one per heartbeat; the helper sleeps
+in ``select()`` until that deadline, and py-spy runs only when the sampler is starved
+*and* a watched loop has missed its heartbeat. A sampler can be shut out of
 the GIL while every loop is healthy: a loop that releases the GIL for a moment in each
 of many short iterations (uvloop's polls) wins it back each time before the waiting
 sampler is scheduled. So each watched loop's heartbeat also writes its time into a

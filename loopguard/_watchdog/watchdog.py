@@ -772,6 +772,7 @@ def _loops_in_other_threads() -> list[asyncio.AbstractEventLoop]:
     me = threading.get_ident()
     found: list[asyncio.AbstractEventLoop] = []
     frames = sys._current_frames()
+    frame: Any = None
     try:
         for ident, frame in frames.items():
             if ident == me:
@@ -779,10 +780,10 @@ def _loops_in_other_threads() -> list[asyncio.AbstractEventLoop]:
             f: Any = frame
             while f is not None:
                 if f.f_code.co_name in _LOOP_FRAMES:
-                    local = f.f_locals
-                    owner = local.get("self")
-                    for candidate in (owner, getattr(owner, "_loop", None), local.get("loop")):
-                        try:
+                    try:  # any function named "run": its ``self`` may be anything
+                        local = f.f_locals
+                        owner = local.get("self")
+                        for candidate in (owner, getattr(owner, "_loop", None), local.get("loop")):
                             if (
                                 isinstance(candidate, asyncio.AbstractEventLoop)
                                 and candidate.is_running()
@@ -790,10 +791,10 @@ def _loops_in_other_threads() -> list[asyncio.AbstractEventLoop]:
                                 and candidate not in found
                             ):
                                 found.append(candidate)
-                        except Exception:
-                            continue
-                    del local, owner
+                    except Exception:
+                        pass
+                    local = owner = candidate = None
                 f = f.f_back
     finally:
-        del frames
+        del frames, frame
     return found
