@@ -175,16 +175,22 @@ class BoundedQueue(Generic[T]):
             if self.full_since is None:
                 self.full_since = time.monotonic()
 
+    def _too_large(self, item: T, nbytes: int) -> bool:
+        """Drop (and count) an item that can never fit ``max_bytes``."""
+        if self.max_bytes is None or nbytes <= self.max_bytes:
+            return False
+        self._drop(item, "too_large")
+        if self.overflow == "close":
+            self.overflowed = self.overflowed or "too_large"
+        return True
+
     def _offer(self, item: T, nbytes: int) -> bool | None:
         """Queue or drop ``item`` by policy; ``None`` means "block: wait for room"."""
         if self.closed:
             raise QueueClosed("put() on a closed queue")
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes!r}")
-        if self.max_bytes is not None and nbytes > self.max_bytes:
-            self._drop(item, "too_large")
-            if self.overflow == "close":
-                self.overflowed = self.overflowed or "too_large"
+        if self._too_large(item, nbytes):
             return False
         if self._fits(nbytes):
             self._append(item, nbytes)
@@ -224,6 +230,43 @@ class BoundedQueue(Generic[T]):
                 return queued
             self._writable.clear()
             await self._writable.wait()
+
+    def offer(self, item: T, nbytes: int = 0) -> bool | None:
+        """Queue or drop one item by policy, without waiting.
+
+        Returns:
+            ``True`` if queued, ``False`` if dropped (and counted), ``None`` under
+            ``"block"`` when it does not fit now (nothing counted: :meth:`put` it).
+
+        Raises:
+            QueueClosed: The queue is closed.
+            ValueError: ``nbytes`` is negative.
+        """
+        return self._offer(item, nbytes)
+
+    def pass_through(self, item: T, nbytes: int = 0) -> bool:
+        """Account for an item handed straight to a consumer that found the queue empty.
+
+        The item never waits: it is counted as delivered (0 s in the queue) if it
+        could have been queued, else dropped as :meth:`offer` would drop it.
+
+        Returns:
+            ``True`` if the caller may hand it out, ``False`` if it was dropped.
+
+        Raises:
+            QueueClosed: The queue is closed.
+        """
+        if self.closed:
+            raise QueueClosed("pass_through() on a closed queue")
+        if self._too_large(item, nbytes):
+            return False
+        if self._items:
+            raise RuntimeError("pass_through() would overtake queued items")
+        self.delivered += 1
+        self.last_wait = 0.0
+        if self._on_get is not None:
+            self._on_get(0.0)
+        return True
 
     def put_nowait(self, item: T, nbytes: int = 0) -> bool:
         """Offer one item without waiting.

@@ -8,7 +8,12 @@ ping. Everything else is here, once:
 - a **receiver task** that only receives and enqueues into a
   :class:`~._queue.BoundedQueue`, so the connection is read promptly however slow the
   consumer is (under ``overflow="block"`` it stops reading while the queue is full:
-  backpressure through the transport);
+  backpressure through the transport). While the consumer keeps up, the consumer reads
+  *directly* instead and the receiver task sleeps: a message then costs what it costs
+  unguarded, with no second task wake-up. A consumer away with a message for longer
+  than :data:`~._handover.GRACE` hands reading to the receiver task
+  (:mod:`._handover`); the receiver hands it back when it finds the consumer waiting on
+  an empty queue. Either way every message goes through the same queue accounting;
 - the **overflow policy** and the **close semantics**: a disconnect ends the stream after
   what is already queued; closing for overflow (1013), size (1009), keepalive (1011) or
   idle timeout never waits behind the bound (the queue is closed at once, the closing
@@ -39,6 +44,7 @@ import loopguard
 import loopguard.metrics as m
 from loopguard.events import ConnectionClosed
 
+from ._handover import handover as _handover
 from ._queue import BoundedQueue, Overflow, QueueClosed, check_bounds
 from ._wsmetrics import registry as _registry
 from ._wsmetrics import sampler as _sampler
@@ -74,7 +80,14 @@ _CLOSE_GRACE = 1.0
 
 
 class Transport(Protocol):
-    """What an adapter provides: one connection, seen as messages and a close."""
+    """What an adapter provides: one connection, seen as messages and a close.
+
+    An adapter may also provide ``abort()``: drop the connection without a closing
+    handshake, so that a pending :meth:`receive` ends. With it, a consumer that keeps up
+    reads directly also when the guard has timeouts of its own (pings, idle): a close
+    for a timeout then ends a pending read within a second even if the peer never
+    answers.
+    """
 
     route: str | None
     """Route template of the connection (a metric attribute), or ``None``."""
@@ -176,6 +189,19 @@ class Inbox:
         self._closer: asyncio.Task[None] | None = None
         self._finished = False
         self._sampled = False  # the last message handed out has its histograms recorded
+        # Who reads the transport: the consumer itself ("direct") or the receiver task
+        # ("background"); see _handover. Direct reading needs a way to end a consumer's
+        # pending read when the guard closes the connection for a timeout: no keeper, or
+        # a transport that can abort.
+        self._direct_ok = (idle_timeout is None and ping_interval is None) or callable(
+            getattr(transport, "abort", None)
+        )
+        self._mode = "direct" if self._direct_ok else "background"
+        self._reading = False  # the consumer is inside transport.receive()
+        self._waiting = False  # the consumer waits on an empty queue
+        self._ended = False  # the transport returned its end (or failed)
+        self._park: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- what users read -------------------------------------------------------------
 
@@ -247,20 +273,60 @@ class Inbox:
         queue = self._queue
         record = m.record
         attrs = self._attrs
+        away = _handover()
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                message = await queue.get()
-            except QueueClosed:
-                break
+            message: Message | None
+            if self._mode == "direct" and not queue.closed and not len(queue):
+                message = await self._read_direct()
+                if message is None:
+                    continue
+            else:
+                if self._closing is not None:
+                    self._resume("background")  # late messages are still read, counted
+                self._waiting = not len(queue)
+                try:
+                    message = await queue.get()
+                except QueueClosed:
+                    break
+                finally:
+                    self._waiting = False
+            if self._mode == "direct":
+                away.leave(self, loop)
             if self._sampled:
                 taken = time.perf_counter()
                 yield message
                 record(m.WEBSOCKET_PROCESS_DURATION, time.perf_counter() - taken, attrs)
             else:
                 yield message
+            away.back(self)
             if self._state != "open":
                 self._usable()
         self._raise_error()
+
+    async def _read_direct(self) -> Message | None:
+        """Read one message in the consumer's task; ``None`` when none is to be handed out."""
+        self._reading = True
+        try:
+            message = await self._transport.receive()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the transport failed: end the stream, tell the consumer
+            self._failed(exc)
+            return None
+        finally:
+            self._reading = False
+        if message is None:
+            self._transport_ended()
+            return None
+        self._last_message = time.monotonic()
+        if self._closing is not None:
+            self._late += 1
+            return None
+        if self._queue.pass_through(message, self._size(message)):
+            return message
+        self._overflowed(False)  # too large
+        return None
 
     async def batches(self, max_items: int, max_wait: float) -> AsyncIterator[list[Message]]:
         """Yield lists of messages: each waits for one, then up to ``max_wait`` s more.
@@ -284,6 +350,9 @@ class Inbox:
             raise ValueError(f"max_items must be an int >= 1, got {max_items!r}")
         if not (isinstance(max_wait, (int, float)) and max_wait >= 0):
             raise ValueError(f"max_wait must be a number >= 0, got {max_wait!r}")
+        # Batches gather what the receiver task queued meanwhile: it reads from now on.
+        self._direct_ok = False
+        self._resume("background")
         while True:
             batch = await self._queue.get_batch(max_items, max_wait)
             if not batch:
@@ -313,6 +382,7 @@ class Inbox:
             raise RuntimeError("an inbox is entered once")
         self._state = "open"
         self._last_message = time.monotonic()
+        self._loop = asyncio.get_running_loop()
         _registry.add(self)
         self._receiver = asyncio.create_task(self._receive_loop(), name="loopguard-ws-receiver")
         if self._idle_timeout is not None or self._ping_interval is not None:
@@ -321,6 +391,7 @@ class Inbox:
 
     async def __aexit__(self, *exc: object) -> None:
         self._state = "ended"
+        _handover().back(self)
         if self._closer is not None and not self._closer.done():
             # Let the close frame go out (the receiver reads the peer's answer meanwhile).
             with contextlib.suppress(asyncio.CancelledError):
@@ -338,32 +409,88 @@ class Inbox:
     # -- the receiver task: receive and enqueue, nothing else --------------------------
 
     async def _receive_loop(self) -> None:
-        transport, queue, sized = self._transport, self._queue, self._sized
+        transport, queue = self._transport, self._queue
+        loop = asyncio.get_running_loop()
         try:
             while True:
+                if self._mode == "direct" or self._ended:
+                    # The consumer reads itself (or the stream is over): sleep until
+                    # reading is handed over.
+                    self._park = park = loop.create_future()
+                    try:
+                        await park
+                    finally:
+                        self._park = None
+                    continue
                 message = await transport.receive()
                 if message is None:
-                    break
-                self._last_message = time.monotonic()
-                if self._closing is not None:
-                    self._late += 1
+                    self._transport_ended()
                     continue
-                try:
-                    queued = await queue.put(message, _nbytes(message) if sized else 0)
-                except QueueClosed:  # the guard closed while this one waited for room
-                    self._late += 1
-                    continue
-                if not queued and queue.overflowed is not None:
-                    self._close(queue.overflowed)
+                admitted = self._admit(message)
+                if admitted is None:  # "block" and full: wait for room, read nothing
+                    try:
+                        admitted = await queue.put(message, self._size(message))
+                    except QueueClosed:  # the guard closed while this one waited for room
+                        self._late += 1
+                        continue
+                    self._overflowed(admitted)
+                if (
+                    admitted
+                    and self._waiting
+                    and self._direct_ok
+                    and self._closing is None
+                    and len(queue) == 1
+                ):
+                    # The consumer waits for this one: it keeps up, let it read again.
+                    self._mode = "direct"
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the transport failed: end the stream, tell the consumer
-            self._error = exc
-            self.close_reason = self.close_reason or "error"
-        finally:
-            self._transport_ended()
+            self._failed(exc)
+
+    def _size(self, message: Message) -> int:
+        return _nbytes(message) if self._sized else 0
+
+    def _admit(self, message: Message) -> bool | None:
+        """Account for one received message: queue it, drop it or count it late.
+
+        Returns ``True`` if queued, ``False`` if dropped or late, ``None`` if it must
+        wait for room (``"block"``).
+        """
+        self._last_message = time.monotonic()
+        if self._closing is not None:
+            self._late += 1
+            return False
+        queued = self._queue.offer(message, self._size(message))
+        if queued is False:
+            self._overflowed(queued)
+        return queued
+
+    def _overflowed(self, queued: bool) -> None:
+        if not queued and self._queue.overflowed is not None:
+            self._close(self._queue.overflowed)
+
+    def _resume(self, mode: str) -> None:
+        """Hand reading to the receiver task (``"background"``)."""
+        self._mode = mode
+        park = self._park
+        if park is not None and not park.done():
+            park.set_result(None)
+
+    def _hand_over(self) -> None:
+        """The consumer is away with a message: the receiver task reads meanwhile."""
+        if self._mode == "direct" and not self._reading and self._state == "open":
+            self._resume("background")
+
+    def _failed(self, exc: Exception) -> None:
+        self._error = exc
+        self.close_reason = self.close_reason or "error"
+        self._transport_ended()
 
     def _transport_ended(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
         if self._state == "open" or self._closing is not None:
             code = self._transport.closed_code()
             if self.close_code is None:
@@ -389,6 +516,18 @@ class Inbox:
         self._explain(reason, code)
         self._queue.close()
         self._closer = asyncio.create_task(self._send_close(code, _CLOSE_TEXT[reason]))
+        if self._reading and self._loop is not None:
+            # The consumer waits in the transport: the closing handshake ends its read;
+            # a peer that never answers is dropped after the grace.
+            self._loop.call_later(_CLOSE_GRACE, self._abort_pending_read)
+
+    def _abort_pending_read(self) -> None:
+        abort = getattr(self._transport, "abort", None)
+        if self._reading and abort is not None:
+            try:
+                abort()
+            except Exception:
+                logger.debug("aborting a guarded WebSocket failed", exc_info=True)
 
     async def _send_close(self, code: int, text: str) -> None:
         try:

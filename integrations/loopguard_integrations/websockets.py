@@ -53,6 +53,9 @@ class _WebsocketsTransport:
     async def ping(self) -> Awaitable[object] | None:
         return await self._connection.ping()
 
+    def abort(self) -> None:
+        self._connection.transport.abort()
+
 
 def guard_receive(
     connection: Connection,

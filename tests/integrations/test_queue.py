@@ -143,6 +143,24 @@ async def test_discard_counts_what_was_left() -> None:
 
 
 @pytest.mark.asyncio
+async def test_pass_through_counts_without_queueing_and_applies_the_size_bound() -> None:
+    waits: list[float] = []
+    q: BoundedQueue[str] = BoundedQueue(
+        maxsize=1, max_bytes=4, overflow="close", on_get=waits.append
+    )
+    assert q.pass_through("ab", 2) is True
+    assert (q.delivered, len(q), q.nbytes, waits) == (1, 0, 0, [0.0])
+    assert q.pass_through("abcdef", 6) is False  # can never fit: dropped as under offer()
+    assert (q.drops["too_large"], q.overflowed) == (1, "too_large")
+    await q.put("x", 1)
+    with pytest.raises(RuntimeError, match="overtake"):
+        q.pass_through("y", 1)
+    q.close()
+    with pytest.raises(QueueClosed):
+        q.pass_through("z", 1)
+
+
+@pytest.mark.asyncio
 async def test_batches_gather_what_arrives_within_the_wait() -> None:
     q: BoundedQueue[int] = BoundedQueue(maxsize=100)
     for i in range(5):

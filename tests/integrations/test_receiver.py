@@ -12,6 +12,7 @@ from typing import get_args
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from loopguard_integrations._handover import GRACE
 from loopguard_integrations._queue import Overflow
 from loopguard_integrations._receiver import Inbox, Message, guard
 
@@ -63,6 +64,7 @@ messages = st.lists(
     pace=st.integers(0, 5),
     consumer_every=st.integers(0, 4),
     batched=st.booleans(),
+    away_at=st.one_of(st.none(), st.integers(1, 20)),
 )
 def test_every_message_is_delivered_or_counted_and_order_is_kept(
     traffic: list[Message],
@@ -72,6 +74,7 @@ def test_every_message_is_delivered_or_counted_and_order_is_kept(
     pace: int,
     consumer_every: int,
     batched: bool,
+    away_at: int | None,
 ) -> None:
     tagged = [
         m + str(i) if isinstance(m, str) else m + str(i).encode() for i, m in enumerate(traffic)
@@ -93,6 +96,8 @@ def test_every_message_is_delivered_or_counted_and_order_is_kept(
                     got.append(message)
                     if consumer_every and len(got) % consumer_every == 0:
                         await asyncio.sleep(0)
+                    if len(got) == away_at:  # longer than the grace: the receiver reads
+                        await asyncio.sleep(GRACE * 3)
         return got, inbox
 
     got, inbox = asyncio.run(run())
@@ -139,3 +144,74 @@ async def test_an_idle_connection_is_closed_and_its_stream_ends() -> None:
     async with guard(transport, maxsize=2, idle_timeout=0.05) as inbox:
         assert [m async for m in inbox] == []
     assert (transport.closed_with, inbox.close_code, inbox.close_reason) == (1000, 1000, "idle")
+
+
+class FedTransport(ListTransport):
+    """Messages arrive when the test feeds them; ``abort()`` ends a pending receive."""
+
+    def __init__(self) -> None:
+        super().__init__([], 0)
+        self.inbound: asyncio.Queue[Message | None] = asyncio.Queue()
+        self.aborted = False
+
+    async def receive(self) -> Message | None:
+        message = await self.inbound.get()
+        self.sent += message is not None
+        return message
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed_with = code  # a peer that never answers: the pending read goes on
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.inbound.put_nowait(None)
+
+
+@pytest.mark.asyncio
+async def test_messages_are_read_and_policed_while_the_consumer_is_away() -> None:
+    transport = FedTransport()
+    seen: list[tuple[int, int]] = []
+    got: list[Message] = []
+
+    async def away_with(burst: str) -> None:
+        for i in range(5):
+            transport.inbound.put_nowait(f"{burst}{i}")
+        # Away far longer than the grace: the receiver task reads meanwhile, and the
+        # policy applies while the consumer is away.
+        await asyncio.sleep(GRACE * 20)
+        seen.append((len(inbox), inbox.dropped))
+
+    async def ping_pong(name: str, count: int) -> None:
+        for i in range(count):  # the next one only once the last one was handed out
+            transport.inbound.put_nowait(f"{name}{i}")
+            while got[-1] != f"{name}{i}":
+                await asyncio.sleep(0)
+
+    async with guard(transport, maxsize=2, overflow="drop_oldest") as inbox:
+        transport.inbound.put_nowait("first")
+        async for message in inbox:
+            got.append(message)
+            if message == "first":
+                await away_with("a")
+            elif message == "a4":
+                feeder = asyncio.create_task(ping_pong("k", 3))
+            elif message == "k2":
+                await away_with("b")  # ... and is covered again when away again.
+                transport.inbound.put_nowait(None)
+    await feeder
+    assert seen == [(2, 3), (2, 6)]
+    assert got == ["first", "a3", "a4", "k0", "k1", "k2", "b3", "b4"]
+    assert (inbox.delivered, inbox.drops["overflow"]) == (8, 6)
+
+
+@pytest.mark.asyncio
+async def test_a_timeout_close_ends_a_pending_read_when_the_peer_never_answers() -> None:
+    transport = FedTransport()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with guard(transport, maxsize=2, idle_timeout=0.05) as inbox:
+        assert [m async for m in inbox] == []
+    took = loop.time() - started
+    assert transport.aborted
+    assert (transport.closed_with, inbox.close_code, inbox.close_reason) == (1000, 1000, "idle")
+    assert took < 5  # idle 0.05 s + the 1 s grace for the closing handshake
