@@ -4,10 +4,14 @@ This module owns :data:`GRACE` and the per-thread :class:`Handover` clock. A gua
 connection whose consumer keeps up reads *directly*: the consumer's own task awaits the
 transport when its queue is empty, as an unguarded loop would, so a message costs no
 second task wake-up and no extra loop iteration. The moment the consumer goes off to
-process a message, it is marked *away*; if it is still away :data:`GRACE` seconds
-later, its inbox is told to hand reading over to its receiver task, which then reads
-and queues while the consumer works (the receiver hands reading back when it finds the
-consumer waiting on an empty queue).
+process a message, it is marked *away*, and it stays away until it comes back and
+actually waits for the next message: a read that returns at once (the message was
+already waiting in the server's buffer) does not end the busy period, so a consumer
+that falls behind a fast sender one short message at a time is seen as busy as one
+stuck on a single message. A consumer away for more than :data:`GRACE` seconds has
+its inbox hand reading over to its receiver task, which then reads and queues while
+the consumer works (the receiver hands reading back when it finds the consumer
+waiting on an empty queue).
 
 One timer per thread serves every connection: it is armed only while some consumer is
 away, and fires at most once per :data:`GRACE`, however many connections there are. A
@@ -23,12 +27,15 @@ import logging
 import threading
 from typing import Protocol
 
-__all__ = ["GRACE", "Handover", "handover"]
+__all__ = ["GRACE", "IDLE", "Handover", "handover"]
 
 logger = logging.getLogger("loopguard")
 
-#: Seconds a consumer may hold a message before its receiver task takes over reading.
+#: Seconds a consumer may be busy before its receiver task takes over reading.
 GRACE = 0.005
+#: A read that waited at least this long (seconds) found the consumer idle: it ends a
+#: busy period. Shorter reads (the message was already buffered) continue it.
+IDLE = 0.001
 
 
 class _Away(Protocol):
@@ -43,17 +50,25 @@ class Handover:
         self._away: dict[_Away, float] = {}
         self._timer: asyncio.TimerHandle | None = None
 
-    def leave(self, inbox: _Away, loop: asyncio.AbstractEventLoop) -> None:
-        """Mark ``inbox``'s consumer away from now (it is about to process a message)."""
+    def leave(self, inbox: _Away, loop: asyncio.AbstractEventLoop, *, idle: bool) -> None:
+        """``inbox``'s consumer is about to process a message.
+
+        Args:
+            inbox: The inbox.
+            loop: The running loop.
+            idle: Whether the consumer waited for this message (a new busy period
+                starts now); if not, a busy period under way goes on.
+        """
         if loop is not self._loop:  # a new loop on this thread: forget the old one's
             self._loop, self._away, self._timer = loop, {}, None
         now = loop.time()
-        self._away[inbox] = now
+        if idle or inbox not in self._away:
+            self._away[inbox] = now
         if self._timer is None:
             self._timer = loop.call_at(now + GRACE, self._check)
 
     def back(self, inbox: _Away) -> None:
-        """The consumer of ``inbox`` is back for its next message (or gone)."""
+        """The consumer of ``inbox`` is gone."""
         self._away.pop(inbox, None)
 
     def _check(self) -> None:

@@ -10,8 +10,9 @@ ping. Everything else is here, once:
   consumer is (under ``overflow="block"`` it stops reading while the queue is full:
   backpressure through the transport). While the consumer keeps up, the consumer reads
   *directly* instead and the receiver task sleeps: a message then costs what it costs
-  unguarded, with no second task wake-up. A consumer away with a message for longer
-  than :data:`~._handover.GRACE` hands reading to the receiver task
+  unguarded, with no second task wake-up. A consumer busy for longer than
+  :data:`~._handover.GRACE` (since it last waited for a message) hands reading to the
+  receiver task
   (:mod:`._handover`); the receiver hands it back when it finds the consumer waiting on
   an empty queue. Either way every message goes through the same queue accounting;
 - the **overflow policy** and the **close semantics**: a disconnect ends the stream after
@@ -44,6 +45,7 @@ import loopguard
 import loopguard.metrics as m
 from loopguard.events import ConnectionClosed
 
+from ._handover import IDLE
 from ._handover import handover as _handover
 from ._queue import BoundedQueue, Overflow, QueueClosed, check_bounds
 from ._wsmetrics import registry as _registry
@@ -277,10 +279,13 @@ class Inbox:
         loop = asyncio.get_running_loop()
         while True:
             message: Message | None
+            idle = True
             if self._mode == "direct" and not queue.closed and not len(queue):
+                asked = time.monotonic()
                 message = await self._read_direct()
                 if message is None:
                     continue
+                idle = time.monotonic() - asked >= IDLE
             else:
                 if self._closing is not None:
                     self._resume("background")  # late messages are still read, counted
@@ -292,14 +297,13 @@ class Inbox:
                 finally:
                     self._waiting = False
             if self._mode == "direct":
-                away.leave(self, loop)
+                away.leave(self, loop, idle=idle)
             if self._sampled:
                 taken = time.perf_counter()
                 yield message
                 record(m.WEBSOCKET_PROCESS_DURATION, time.perf_counter() - taken, attrs)
             else:
                 yield message
-            away.back(self)
             if self._state != "open":
                 self._usable()
         self._raise_error()

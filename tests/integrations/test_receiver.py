@@ -205,6 +205,25 @@ async def test_messages_are_read_and_policed_while_the_consumer_is_away() -> Non
 
 
 @pytest.mark.asyncio
+async def test_a_consumer_behind_one_short_message_at_a_time_is_covered_too() -> None:
+    # Each message takes a fifth of the grace, but the sender is always ahead: every
+    # read returns at once from the buffer. The busy period adds up, the receiver task
+    # takes over, and the policy applies (instead of the backlog waiting upstream).
+    transport = FedTransport()
+    for i in range(200):
+        transport.inbound.put_nowait(f"m{i}")
+    transport.inbound.put_nowait(None)
+    got: list[Message] = []
+    async with guard(transport, maxsize=5, overflow="drop_oldest") as inbox:
+        async for message in inbox:
+            got.append(message)
+            await asyncio.sleep(GRACE / 5)
+    assert inbox.drops["overflow"] > 100
+    assert inbox.delivered + inbox.dropped == 200 == len(got) + inbox.dropped
+    assert got[-1] == "m199"
+
+
+@pytest.mark.asyncio
 async def test_a_timeout_close_ends_a_pending_read_when_the_peer_never_answers() -> None:
     transport = FedTransport()
     loop = asyncio.get_running_loop()
