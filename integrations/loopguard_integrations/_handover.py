@@ -1,6 +1,6 @@
 """When a consumer holds a message too long, hand reading over to the receiver task.
 
-This module owns :data:`GRACE` and the per-thread :class:`Handover` clock. A guarded
+This module owns :data:`GRACE`, :data:`IDLE` and the per-loop :class:`Handover` clock. A guarded
 connection whose consumer keeps up reads *directly*: the consumer's own task awaits the
 transport when its queue is empty, as an unguarded loop would, so a message costs no
 second task wake-up and no extra loop iteration. The moment the consumer goes off to
@@ -13,7 +13,7 @@ its inbox hand reading over to its receiver task, which then reads and queues wh
 the consumer works (the receiver hands reading back when it finds the consumer
 waiting on an empty queue).
 
-One timer per thread serves every connection: it is armed only while some consumer is
+One timer per loop serves every connection: it is armed only while some consumer is
 away, and fires at most once per :data:`GRACE`, however many connections there are. A
 message arriving while a consumer is away waits at most about :data:`GRACE` in the
 server's own buffer (which keeps reading the socket and answering pings meanwhile)
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import weakref
 from typing import Protocol
 
 __all__ = ["GRACE", "IDLE", "Handover", "handover"]
@@ -43,39 +44,34 @@ class _Away(Protocol):
 
 
 class Handover:
-    """The consumers away on this thread's loop, and the one timer that checks them."""
+    """The busy consumers of one loop, and the one timer that checks them."""
 
     def __init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._away: dict[_Away, float] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        self._armed = False  # a check is scheduled (the loop's timer holds this object)
 
     def leave(self, inbox: _Away, loop: asyncio.AbstractEventLoop, *, idle: bool) -> None:
         """``inbox``'s consumer is about to process a message.
 
         Args:
             inbox: The inbox.
-            loop: The running loop.
+            loop: The running loop (the one this object belongs to).
             idle: Whether the consumer waited for this message (a new busy period
                 starts now); if not, a busy period under way goes on.
         """
-        if loop is not self._loop:  # a new loop on this thread: forget the old one's
-            self._loop, self._away, self._timer = loop, {}, None
         now = loop.time()
         if idle or inbox not in self._away:
             self._away[inbox] = now
-        if self._timer is None:
-            self._timer = loop.call_at(now + GRACE, self._check)
+        if not self._armed:
+            self._armed = True
+            loop.call_at(now + GRACE, self._check, loop)
 
     def back(self, inbox: _Away) -> None:
         """The consumer of ``inbox`` is gone."""
         self._away.pop(inbox, None)
 
-    def _check(self) -> None:
-        self._timer = None
-        loop = self._loop
-        if loop is None:
-            return
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._armed = False
         due = loop.time() - GRACE
         oldest: float | None = None
         for inbox, since in list(self._away.items()):
@@ -88,17 +84,21 @@ class Handover:
             elif oldest is None or since < oldest:
                 oldest = since
         if oldest is not None:
-            self._timer = loop.call_at(oldest + GRACE, self._check)
+            self._armed = True
+            loop.call_at(oldest + GRACE, self._check, loop)
 
 
-class _PerThread(threading.local):
-    def __init__(self) -> None:
-        self.handover = Handover()
+# One per loop, forgotten with the loop (nothing here refers to the loop itself).
+_per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Handover] = (
+    weakref.WeakKeyDictionary()
+)
+_lock = threading.Lock()
 
 
-_local = _PerThread()
-
-
-def handover() -> Handover:
-    """This thread's :class:`Handover` (one running loop per thread)."""
-    return _local.handover
+def handover(loop: asyncio.AbstractEventLoop) -> Handover:
+    """The :class:`Handover` of ``loop``."""
+    found = _per_loop.get(loop)
+    if found is None:
+        with _lock:  # loops in several threads may ask at once
+            found = _per_loop.setdefault(loop, Handover())
+    return found

@@ -386,6 +386,10 @@ class BoundedQueue(Generic[T]):
         self._readable.set()
         self._writable.set()
 
+    def discard_one(self, item: T) -> None:
+        """Count an item that arrived for a consumer that is gone as ``"discarded"``."""
+        self._drop(item, "discarded")
+
     def discard(self) -> int:
         """Drop everything still queued, counted as ``"discarded"``.
 

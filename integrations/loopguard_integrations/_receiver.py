@@ -204,6 +204,7 @@ class Inbox:
         self._ended = False  # the transport returned its end (or failed)
         self._park: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
 
     # -- what users read -------------------------------------------------------------
 
@@ -275,17 +276,22 @@ class Inbox:
         queue = self._queue
         record = m.record
         attrs = self._attrs
-        away = _handover()
         loop = asyncio.get_running_loop()
+        away = _handover(loop)
         while True:
             message: Message | None
             idle = True
+            if self._reading:
+                # Another task iterates this inbox too: only the receiver task reads
+                # from now on (it starts once the other task's read is over).
+                self._direct_ok = False
+                self._resume("background")
             if self._mode == "direct" and not queue.closed and not len(queue):
-                asked = time.monotonic()
+                asked = time.perf_counter()
                 message = await self._read_direct()
                 if message is None:
                     continue
-                idle = time.monotonic() - asked >= IDLE
+                idle = time.perf_counter() - asked >= IDLE
             else:
                 if self._closing is not None:
                     self._resume("background")  # late messages are still read, counted
@@ -314,18 +320,27 @@ class Inbox:
         try:
             message = await self._transport.receive()
         except asyncio.CancelledError:
+            # The consumer may not come back soon (a timeout around its `anext`): the
+            # receiver task reads meanwhile unless it does within the grace.
+            if self._state == "open" and self._loop is not None:
+                _handover(self._loop).leave(self, self._loop, idle=True)
             raise
         except Exception as exc:  # the transport failed: end the stream, tell the consumer
             self._failed(exc)
             return None
         finally:
             self._reading = False
+            if self._mode == "background":  # handed over during the read
+                self._resume("background")
         if message is None:
             self._transport_ended()
             return None
         self._last_message = time.monotonic()
         if self._closing is not None:
             self._late += 1
+            return None
+        if self._state != "open":  # read by a task iterating after the block ended
+            self._queue.discard_one(message)
             return None
         if self._queue.pass_through(message, self._size(message)):
             return message
@@ -386,16 +401,25 @@ class Inbox:
             raise RuntimeError("an inbox is entered once")
         self._state = "open"
         self._last_message = time.monotonic()
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         _registry.add(self)
         self._receiver = asyncio.create_task(self._receive_loop(), name="loopguard-ws-receiver")
         if self._idle_timeout is not None or self._ping_interval is not None:
             self._keeper = asyncio.create_task(self._keep(), name="loopguard-ws-keeper")
+        if self._mode == "direct":
+            # Until the consumer first waits for a message, it counts as busy: code that
+            # runs long before its `async for` has the receiver task read meanwhile.
+            _handover(loop).leave(self, loop, idle=True)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._state = "ended"
-        _handover().back(self)
+        if self._loop is not None:
+            _handover(self._loop).back(self)
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+        if self._reading:
+            self._abort_pending_read()  # a task still iterating after the block
         if self._closer is not None and not self._closer.done():
             # Let the close frame go out (the receiver reads the peer's answer meanwhile).
             with contextlib.suppress(asyncio.CancelledError):
@@ -417,7 +441,7 @@ class Inbox:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                if self._mode == "direct" or self._ended:
+                if self._mode == "direct" or self._ended or self._reading:
                     # The consumer reads itself (or the stream is over): sleep until
                     # reading is handed over.
                     self._park = park = loop.create_future()
@@ -482,7 +506,7 @@ class Inbox:
             park.set_result(None)
 
     def _hand_over(self) -> None:
-        """The consumer is away with a message: the receiver task reads meanwhile."""
+        """The consumer is busy: the receiver task reads meanwhile."""
         if self._mode == "direct" and not self._reading and self._state == "open":
             self._resume("background")
 
@@ -523,7 +547,7 @@ class Inbox:
         if self._reading and self._loop is not None:
             # The consumer waits in the transport: the closing handshake ends its read;
             # a peer that never answers is dropped after the grace.
-            self._loop.call_later(_CLOSE_GRACE, self._abort_pending_read)
+            self._abort_timer = self._loop.call_later(_CLOSE_GRACE, self._abort_pending_read)
 
     def _abort_pending_read(self) -> None:
         abort = getattr(self._transport, "abort", None)

@@ -154,8 +154,16 @@ class FedTransport(ListTransport):
         self.inbound: asyncio.Queue[Message | None] = asyncio.Queue()
         self.aborted = False
 
+    reading = False
+
     async def receive(self) -> Message | None:
-        message = await self.inbound.get()
+        if self.reading:  # as websockets does
+            raise RuntimeError("another task is already receiving")
+        self.reading = True
+        try:
+            message = await self.inbound.get()
+        finally:
+            self.reading = False
         self.sent += message is not None
         return message
 
@@ -221,6 +229,39 @@ async def test_a_consumer_behind_one_short_message_at_a_time_is_covered_too() ->
     assert inbox.drops["overflow"] > 100
     assert inbox.delivered + inbox.dropped == 200 == len(got) + inbox.dropped
     assert got[-1] == "m199"
+
+
+@pytest.mark.asyncio
+async def test_the_connection_is_read_before_the_consumer_first_asks() -> None:
+    transport = FedTransport()
+    async with guard(transport, maxsize=3, overflow="drop_oldest") as inbox:
+        for i in range(5):
+            transport.inbound.put_nowait(f"m{i}")
+        await asyncio.sleep(GRACE * 20)  # set-up work before the `async for`
+        assert (len(inbox), inbox.dropped) == (3, 2)
+        transport.inbound.put_nowait(None)
+        assert [m async for m in inbox] == ["m2", "m3", "m4"]
+
+
+@pytest.mark.asyncio
+async def test_two_tasks_may_share_an_inbox() -> None:
+    transport = FedTransport()
+    got: list[Message] = []
+
+    async def worker(inbox: Inbox) -> None:
+        async for message in inbox:
+            got.append(message)
+            await asyncio.sleep(0)
+
+    async with guard(transport, maxsize=100) as inbox:
+        workers = [asyncio.create_task(worker(inbox)) for _ in range(2)]
+        for i in range(50):
+            transport.inbound.put_nowait(f"m{i}")
+            await asyncio.sleep(0)
+        transport.inbound.put_nowait(None)
+        await asyncio.gather(*workers)
+    assert sorted(got, key=lambda m: int(m[1:])) == [f"m{i}" for i in range(50)]
+    assert (inbox.delivered, inbox.dropped, inbox.close_reason) == (50, 0, "peer")
 
 
 @pytest.mark.asyncio
