@@ -128,13 +128,25 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
 
     worst = 0.0
     ticking = True
+    late: list[float] = []
+    gc_pauses: list[float] = []
+    gc_started = 0.0
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        nonlocal gc_started
+        if phase == "start":
+            gc_started = time.perf_counter()
+        elif ticking:
+            gc_pauses.append(time.perf_counter() - gc_started)
 
     async def ticker() -> None:
         nonlocal worst
         while ticking:
             before = time.monotonic()
             await asyncio.sleep(0.001)
-            worst = max(worst, time.monotonic() - before - 0.001)
+            lateness = time.monotonic() - before - 0.001
+            late.append(lateness)
+            worst = max(worst, lateness)
 
     async with serve(handler, "127.0.0.1", 0, max_queue=16, compression=None) as server:
         port = next(iter(server.sockets)).getsockname()[1]
@@ -146,8 +158,10 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(0.5)
         rss_before = h.rss_bytes()
         tick = asyncio.create_task(ticker())
+        gc.callbacks.append(on_gc)
         await asyncio.sleep(0.05)
         worst = 0.0
+        late.clear()
         padding = "x" * MESSAGE_BYTES
         published = 0
         stalled = False
@@ -169,6 +183,7 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(0.5)
         ticking = False
         await tick
+        gc.callbacks.remove(on_gc)
         rss_after = h.rss_bytes()
         print("DONE", flush=True)
         # Let clients finish reading before connections close.
@@ -181,6 +196,8 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
             "published": published,
             "stalled": stalled,
             "worst_stall": worst,
+            "stall_p99": _pct(late, 99),
+            "worst_gc": max(gc_pauses, default=0.0),
             "publish_p50": statistics.median(durations) if durations else None,
             "rss_before": rss_before,
             "rss_after": rss_after,
@@ -373,6 +390,8 @@ def measure(variant: str, n: int, slow: int, publishes: int, interval: float) ->
         "last_p99": _pct(last, 99),
         "every_p99": _pct(every, 99),
         "worst_stall": srv["worst_stall"],
+        "stall_p99": srv.get("stall_p99"),
+        "worst_gc": srv.get("worst_gc"),
         "rss_mb": srv["rss_after"] / 2**20,
         "rss_growth_mb": (srv["rss_after"] - srv["rss_before"]) / 2**20,
         "evicted": srv["evicted"],
@@ -508,6 +527,8 @@ def _report(all_rows: list[dict[str, Any]], cycles: dict[str, Any]) -> h.Report:
                         _fmt_ms(median_of("every_p99", match)),
                         ratio,
                         _fmt_ms(median_of("worst_stall", match)),
+                        _fmt_ms(median_of("stall_p99", match)),
+                        _fmt_ms(median_of("worst_gc", match)),
                         f"{median_of('rss_mb', match) or 0:.0f}",
                         f"{median_of('rss_growth_mb', match) or 0:+.1f}",
                         str(int(median_of("evicted", match) or 0)),
@@ -515,7 +536,8 @@ def _report(all_rows: list[dict[str, Any]], cycles: dict[str, Any]) -> h.Report:
                 )
     header = [
         "clients", "slow", "variant", "last p50 ms", "last p99 ms", "every p99 ms",
-        "p50 / broadcast()", "worst stall ms", "RSS MB", "RSS growth MB", "evicted",
+        "p50 / broadcast()", "worst stall ms", "stall p99 ms", "worst GC ms", "RSS MB",
+        "RSS growth MB", "evicted",
     ]  # fmt: skip
     markdown = "\n".join(
         [
