@@ -266,7 +266,10 @@ class _Shedder:
         if load is None:
             self._warn("no running watchdog watches this loop (call loopguard.install())")
             return None
-        if self.delay_p99 is not None and load.delay_p99 > self.delay_p99:
+        # The wait a request arriving at a random moment sees (time-weighted), not the
+        # heartbeats' own percentile: a short stall several times a second leaves the
+        # latter low while a few percent of requests wait the whole stall.
+        if self.delay_p99 is not None and load.wait_p99 > self.delay_p99:
             return "delay"
         if self.utilization is not None:
             if load.utilization is None:

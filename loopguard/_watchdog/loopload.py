@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .loopwatch import LoopWatch
 
-__all__ = ["MAX_WINDOW", "LoopLoad", "lag_of", "load_of"]
+__all__ = ["MAX_WINDOW", "LoopLoad", "lag_of", "load_of", "wait_percentile"]
 
 #: The longest window :func:`load_of` can look back over, in seconds.
 MAX_WINDOW = 60.0
@@ -33,6 +33,13 @@ class LoopLoad:
         delay_p50: Median heartbeat lateness, in seconds.
         delay_p99: 99th percentile of heartbeat lateness, in seconds.
         delay_max: Largest heartbeat lateness, in seconds.
+        wait_p99: 99th percentile of the wait of a request arriving at a random
+            moment of the window, in seconds: the time-weighted counterpart of
+            ``delay_p99``. A stall contributes one late heartbeat to the percentiles
+            but a wait to every arrival during it, so a loop blocked 20 ms twice a
+            second (4 % of the time) has a ``delay_p99`` under 10 ms with a 20 ms
+            heartbeat, yet more than 1 % of arrivals wait over 10 ms. Load shedding
+            uses this one.
         utilization: Share of the window the loop spent running callbacks
             (0-1), or ``None`` without loop statistics (``stats=True``) or on loops
             where they cannot be measured (uvloop, trio).
@@ -48,6 +55,7 @@ class LoopLoad:
     delay_max: float
     utilization: float | None
     lag: float
+    wait_p99: float = 0.0
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -55,6 +63,37 @@ def _percentile(ordered: list[float], q: float) -> float:
         return 0.0
     index = min(len(ordered) - 1, max(0, round(q / 100.0 * len(ordered) + 0.5) - 1))
     return ordered[index]
+
+
+def wait_percentile(lates: list[float], window: float, q: float) -> float:
+    """The ``q``-th percentile of the wait of an arrival at a random moment of the window.
+
+    A heartbeat late by ``late`` seconds stands for a stretch in which the loop ran
+    nothing else; an arrival ``t`` seconds into it waits ``late - t``. So the share
+    of the window in which an arrival would wait more than ``x`` is
+    ``sum(max(0, late - x)) / window``; the percentile is the smallest ``x`` whose
+    share is at most ``1 - q/100``.
+
+    Args:
+        lates: Heartbeat lateness values of the window, in seconds (any order).
+        window: Seconds the values cover (> 0).
+        q: The percentile (0-100).
+
+    Returns:
+        The wait in seconds (0 when the loop was late less than that share of the
+        time in total).
+    """
+    allowed = (1.0 - q / 100.0) * window
+    ordered = sorted((late for late in lates if late > 0.0), reverse=True)
+    total = 0.0
+    for count, late in enumerate(ordered, start=1):
+        total += late
+        # With the `count` largest in play, the share is total - count * x.
+        x = (total - allowed) / count
+        following = ordered[count] if count < len(ordered) else 0.0
+        if x >= following:
+            return max(0.0, x)
+    return 0.0
 
 
 def lag_of(watch: LoopWatch) -> float:
@@ -87,4 +126,5 @@ def load_of(watch: LoopWatch, window: float) -> LoopLoad:
         delay_max=lates[-1] if lates else 0.0,
         utilization=utilization,
         lag=lag_of(watch),
+        wait_p99=wait_percentile(lates, max(now - max(first, since), watch.period), 99),
     )

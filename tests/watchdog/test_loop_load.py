@@ -28,6 +28,8 @@ async def test_load_over_a_window_sees_a_held_loop() -> None:
     assert held is not None
     assert held.delay_max >= 0.12
     assert held.delay_p99 >= 0.12
+    # 150 ms of a window well under a second: most arrivals would have waited.
+    assert held.wait_p99 >= 0.1
     assert held.delay_p50 < 0.1  # most heartbeats were on time
     assert held.utilization is not None and 0.3 < held.utilization <= 1.0
     assert 0.2 <= held.window <= 5.0
@@ -90,3 +92,15 @@ async def test_lag_follows_the_watchdogs_that_come_and_go() -> None:
         spin(0.12)
         lag = loopguard.loop_lag()
     assert lag is not None and lag >= 0.05
+
+
+def test_the_wait_percentile_weighs_stalls_by_their_length() -> None:
+    from loopguard._watchdog.loopload import wait_percentile
+
+    # Ten 20 ms stalls in 5 s: the loop is held 4 % of the time, so more than 1 % of
+    # arrivals wait over 10 ms (an arrival t ms into a stall waits 20 - t ms).
+    lates = [0.02] * 10 + [0.0] * 240
+    assert wait_percentile(lates, 5.0, 99) == pytest.approx(0.015)
+    assert wait_percentile([0.02] * 2 + [0.0] * 248, 5.0, 99) == 0.0  # 0.8 % held
+    assert wait_percentile([0.1, 0.001], 5.0, 99) == pytest.approx(0.05)
+    assert wait_percentile([], 5.0, 99) == 0.0
