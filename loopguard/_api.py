@@ -276,12 +276,14 @@ def loop_load(
 
 
 def loop_lag(loop: asyncio.AbstractEventLoop | None = None) -> float | None:
-    """How late the loop's next heartbeat already is, in seconds (0 when on time).
+    """How late the loop is right now, in seconds (0 when on time).
 
     The delay building up right now: called from a callback or task step, it says
     how long the loop has gone without running its heartbeat, that is how long the
-    work ready before this one has been holding it. Cheaper than :func:`loop_load`
-    (no percentiles): a load shedder can call it on every request.
+    work ready before this one has been holding it; within one heartbeat period after
+    a late heartbeat, it says how late that heartbeat was (the loop was held until a
+    moment ago). Cheaper than :func:`loop_load` (no percentiles): a load shedder can
+    call it on every request.
 
     Args:
         loop: The asyncio (or uvloop) loop; default the loop running in the

@@ -97,9 +97,22 @@ def wait_percentile(lates: list[float], window: float, q: float) -> float:
 
 
 def lag_of(watch: LoopWatch) -> float:
-    """How late the watch's next heartbeat already is (0 when on time)."""
-    late = time.monotonic() - watch.last_tick - watch.period
-    return late if late > 0.0 else 0.0
+    """How late the loop is now (0 when on time).
+
+    How late its next heartbeat already is; or, within one heartbeat period after a
+    late heartbeat, how late that one was: a request handled right after a stall
+    ended still sees the loop as held (a burst of requests that each hold the loop
+    for less than a period is otherwise seen as on time between them).
+    """
+    now = time.monotonic()
+    late = now - watch.last_tick - watch.period
+    if late > 0.0:
+        return late
+    try:
+        at, was = watch.recent[-1]
+    except IndexError:
+        return 0.0
+    return was if was > 0.0 and now - at < watch.period else 0.0
 
 
 def load_of(watch: LoopWatch, window: float) -> LoopLoad:
