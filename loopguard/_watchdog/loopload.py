@@ -43,9 +43,9 @@ class LoopLoad:
         utilization: Share of the window the loop spent running callbacks
             (0-1), or ``None`` without loop statistics (``stats=True``) or on loops
             where they cannot be measured (uvloop, trio).
-        lag: How late the loop's next heartbeat already is, in seconds (0 when on
-            time): the delay building up right now, which the percentiles see only
-            once the heartbeat runs (see :func:`loopguard.loop_lag`).
+        lag: How late the loop is right now, in seconds (0 when on time), as
+            :func:`loopguard.loop_lag` returns it: the delay building up now, which
+            the percentiles see only once the heartbeat runs.
     """
 
     window: float
