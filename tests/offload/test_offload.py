@@ -543,7 +543,9 @@ async def test_native_asyncio_cancellation_also_waits(
     }
     options = choices[mode]
     call = loopguard.offload(**options)(gate.body)
-    threading.Timer(0.1, gate.release.set).start()
+    # The gate opens long after the timeout, so that a loop held up by a busy machine
+    # still times out first (with 0.1 s, a 3.10 run once saw the call finish first).
+    threading.Timer(0.5, gate.release.set).start()
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(call(), 0.02)
     # A started call was waited for. On a busy machine the call may still have been
