@@ -12,9 +12,9 @@ ping. Everything else is here, once:
   *directly* instead and the receiver task sleeps: a message then costs what it costs
   unguarded, with no second task wake-up. A consumer busy for longer than
   :data:`~._handover.GRACE` (since it last waited for a message) hands reading to the
-  receiver task
-  (:mod:`._handover`); the receiver hands it back when it finds the consumer waiting on
-  an empty queue. Either way every message goes through the same queue accounting;
+  receiver task (:mod:`._handover`); the receiver hands it back when it finds the
+  consumer waiting on an empty queue. Either way every message goes through the same
+  queue accounting;
 - the **overflow policy** and the **close semantics**: a disconnect ends the stream after
   what is already queued; closing for overflow (1013), size (1009), keepalive (1011) or
   idle timeout never waits behind the bound (the queue is closed at once, the closing
@@ -285,7 +285,7 @@ class Inbox:
                 # Another task iterates this inbox too: only the receiver task reads
                 # from now on (it starts once the other task's read is over).
                 self._direct_ok = False
-                self._resume("background")
+                self._to_background()
             if self._mode == "direct" and not queue.closed and not len(queue):
                 asked = time.perf_counter()
                 message = await self._read_direct()
@@ -294,7 +294,7 @@ class Inbox:
                 idle = time.perf_counter() - asked >= IDLE
             else:
                 if self._closing is not None:
-                    self._resume("background")  # late messages are still read, counted
+                    self._to_background()  # late messages are still read, counted
                 self._waiting = not len(queue)
                 try:
                     message = await queue.get()
@@ -331,7 +331,7 @@ class Inbox:
         finally:
             self._reading = False
             if self._mode == "background":  # handed over during the read
-                self._resume("background")
+                self._to_background()
         if message is None:
             self._transport_ended()
             return None
@@ -371,7 +371,7 @@ class Inbox:
             raise ValueError(f"max_wait must be a number >= 0, got {max_wait!r}")
         # Batches gather what the receiver task queued meanwhile: it reads from now on.
         self._direct_ok = False
-        self._resume("background")
+        self._to_background()
         while True:
             batch = await self._queue.get_batch(max_items, max_wait)
             if not batch:
@@ -498,9 +498,9 @@ class Inbox:
         if not queued and self._queue.overflowed is not None:
             self._close(self._queue.overflowed)
 
-    def _resume(self, mode: str) -> None:
-        """Hand reading to the receiver task (``"background"``)."""
-        self._mode = mode
+    def _to_background(self) -> None:
+        """Hand reading to the receiver task (waking it if it sleeps)."""
+        self._mode = "background"
         park = self._park
         if park is not None and not park.done():
             park.set_result(None)
@@ -508,7 +508,7 @@ class Inbox:
     def _hand_over(self) -> None:
         """The consumer is busy: the receiver task reads meanwhile."""
         if self._mode == "direct" and not self._reading and self._state == "open":
-            self._resume("background")
+            self._to_background()
 
     def _failed(self, exc: Exception) -> None:
         self._error = exc
