@@ -7,7 +7,11 @@ The summary is printed once per process, at interpreter exit or just before the
 process re-raises a signal that will kill it. Servers do that on Ctrl-C: uvicorn
 catches SIGINT, shuts down, then re-raises it with ``signal.raise_signal()``, and
 under gunicorn its worker's SIGINT handler is the default one, so the worker dies of
-the signal and no exit handler runs.
+the signal and no exit handler runs. A SIGTERM that finds its default action (uvicorn's
+supervisor terminates workers that have already restored their handlers) is caught by a
+handler installed at start: it prints the summary, waiting at most
+``_SIGTERM_WAIT`` seconds for it, then restores the default action and re-raises the
+signal, so the process still dies of SIGTERM.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ _FATAL = frozenset(
 )
 _printed = threading.Event()
 _patches: list[Patch] = []
+# How long a SIGTERM waits for the summary before the process dies of it anyway.
+_SIGTERM_WAIT = 2.0
 
 
 def _summary_at_exit(wd: Watchdog) -> None:
@@ -81,6 +87,39 @@ def _summary_at_exit(wd: Watchdog) -> None:
     ]
     for patch in _patches:
         patch.activate()
+    _summary_on_sigterm(wd)
+
+
+def _summary_on_sigterm(wd: Watchdog) -> None:
+    """Print the summary before a SIGTERM with the default action ends the process.
+
+    Only when SIGTERM has its default action at start (a program's own handler, set
+    before or after, wins) and only from the main thread, where handlers can be set.
+    """
+
+    def on_sigterm(signum: int, _frame: object) -> None:
+        if not _printed.is_set():
+            try:
+                # A helper thread, so a lock held by the interrupted code cannot stall
+                # the process's death for longer than the wait.
+                helper = threading.Thread(
+                    target=_print_summary, args=(wd,), name="loopguard-summary", daemon=True
+                )
+                helper.start()
+                helper.join(_SIGTERM_WAIT)
+            except Exception:  # no thread at shutdown: die without the summary
+                pass
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+    try:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        ):
+            signal.signal(signal.SIGTERM, on_sigterm)
+    except (AttributeError, ValueError, OSError):  # no SIGTERM, or not settable here
+        pass
 
 
 def _kills_this_process(number: object) -> bool:

@@ -166,6 +166,74 @@ def test_a_process_that_re_raises_a_fatal_signal_prints_its_summary_first(
     assert result.stderr.index("re-raising") < result.stderr.index("loopguard summary")
 
 
+TERMINATED = textwrap.dedent(
+    """
+    import asyncio, sys, time
+
+    async def main():
+        time.sleep(0.3)
+
+    asyncio.run(main())
+    sys.stderr.write("ready\\n")
+    sys.stderr.flush()
+    time.sleep(60)
+    """
+)
+
+
+def _sigterm_when_ready(tmp_path: Path, name: str, script: str) -> tuple[int, str]:
+    """Run ``script`` under ``loopguard run``; SIGTERM it once it says ready; status, stderr."""
+    (tmp_path / name).write_text(script)
+    proc = subprocess.Popen(
+        _loopguard_run(sys.executable, name),
+        cwd=tmp_path,
+        env=_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if line == "ready\n":
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    return proc.returncode, "".join(lines) + rest
+
+
+def test_a_process_terminated_by_sigterm_prints_its_summary_and_still_dies_of_it(
+    tmp_path: Path,
+) -> None:
+    # uvicorn's supervisor sends SIGTERM to workers that may already have restored
+    # SIGTERM's default action: the summary must come out all the same.
+    status, err = _sigterm_when_ready(tmp_path, "terminated.py", TERMINATED)
+    assert status == -signal.SIGTERM, err  # it still dies of the signal
+    assert err.count("loopguard summary") == 1, err
+    assert "1 stall(s)" in err
+
+
+OWN_HANDLER = textwrap.dedent(
+    """
+    import signal, sys, time
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+    sys.stderr.write("ready\\n")
+    sys.stderr.flush()
+    time.sleep(60)
+    """
+)
+
+
+def test_a_programs_own_sigterm_handler_decides_what_sigterm_does(tmp_path: Path) -> None:
+    status, err = _sigterm_when_ready(tmp_path, "own.py", OWN_HANDLER)
+    assert status == 7, err
+    assert err.count("loopguard summary") == 1, err  # printed at exit, as always
+
+
 CALLS = textwrap.dedent(
     """
     import asyncio, time
