@@ -213,6 +213,10 @@ def _positive(name: str, value: object, *, upper: float | None = None) -> float:
     return float(value)
 
 
+# A p99 limit allows this share of arrivals to wait longer than it.
+_P99_SHARE = 0.01
+
+
 class _Shedder:
     """Decides, from a cached loop-load reading, whether a new request is refused."""
 
@@ -268,9 +272,14 @@ class _Shedder:
             return None
         # The wait a request arriving at a random moment sees (time-weighted), not the
         # heartbeats' own percentile: a short stall several times a second leaves the
-        # latter low while a few percent of requests wait the whole stall.
-        if self.delay_p99 is not None and load.wait_p99 > self.delay_p99:
-            return "delay"
+        # latter low while a few percent of requests wait the whole stall. And before
+        # the limit is crossed, not after: a request is admitted only if one more
+        # stretch as long as the longest of the window would keep the p99 under it
+        # (admitting up to the limit lets one request push the p99 far past it).
+        if self.delay_p99 is not None and load.held:
+            longest = load.held[0]
+            if load.wait_share(self.delay_p99, extra=longest) > _P99_SHARE:
+                return "delay"
         if self.utilization is not None:
             if load.utilization is None:
                 self._warn("loop utilization is not measured (install(stats=True))")
@@ -299,9 +308,12 @@ class LoopguardMiddleware:
         background: Name the function of Starlette/FastAPI background tasks in the
             stalls they cause (wraps ``BackgroundTask.__call__`` until
             :meth:`close` or the application's lifespan shutdown).
-        shed_delay_p99: Shed new requests while the loop's heartbeat delay p99 over
-            ``shed_window``, or the delay building up at the request's arrival,
-            exceeds this many seconds. ``None``: no delay limit.
+        shed_delay_p99: Keep the p99 wait of a request arriving at a random moment
+            (``LoopLoad.wait_p99`` over ``shed_window``) under this many seconds:
+            shed new requests while one more stretch as long as the window's longest
+            would push it over, or while the delay building up at the request's
+            arrival exceeds it. Precise with loop statistics (``stats=True``, on
+            asyncio's own loops); from heartbeats otherwise. ``None``: no delay limit.
         shed_utilization: Shed new requests while the loop's utilization over
             ``shed_window`` exceeds this share (0-1]; needs a watchdog with
             ``stats=True`` on asyncio's own loops. ``None``: no utilization limit.

@@ -2,18 +2,26 @@
 
 Read by :func:`loopguard.loop_load` (for load shedding, health checks, autoscaling
 signals) from the recent heartbeats a :class:`~loopguard._watchdog.loopwatch.LoopWatch`
-keeps: each heartbeat's lateness, and marks of the loop's busy/idle totals when loop
-statistics are on. Nothing here runs on the loop's hot path; a reading sorts at most
-the heartbeats of the window.
+keeps: each heartbeat's lateness, and, when loop statistics are on, marks of the
+loop's busy/idle totals and its long iterations. Nothing here runs on the loop's hot
+path; a reading sorts at most the heartbeats (or long iterations) of the window.
+
+How long the loop was *held* (ran without polling for I/O) is best read from the
+iterations themselves: a heartbeat sees only the part of a stretch after it fell
+due, on average half of a stretch no longer than its period. So with loop statistics
+the held stretches are the long iterations' work, without them the heartbeats'
+lateness.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections import deque
+
     from .loopwatch import LoopWatch
 
 __all__ = ["MAX_WINDOW", "LoopLoad", "lag_of", "load_of", "wait_percentile"]
@@ -38,14 +46,20 @@ class LoopLoad:
             ``delay_p99``. A stall contributes one late heartbeat to the percentiles
             but a wait to every arrival during it, so a loop blocked 20 ms twice a
             second (4 % of the time) has a ``delay_p99`` under 10 ms with a 20 ms
-            heartbeat, yet more than 1 % of arrivals wait over 10 ms. Load shedding
-            uses this one.
+            heartbeat, yet more than 1 % of arrivals wait over 10 ms. Computed from
+            ``held``; load shedding uses this one.
         utilization: Share of the window the loop spent running callbacks
             (0-1), or ``None`` without loop statistics (``stats=True``) or on loops
             where they cannot be measured (uvloop, trio).
         lag: How late the loop is right now, in seconds (0 when on time), as
             :func:`loopguard.loop_lag` returns it: the delay building up now, which
             the percentiles see only once the heartbeat runs.
+        held: The stretches, in seconds and longest first, in which the loop ran
+            without polling for I/O during the window: with loop statistics, each
+            iteration whose work took at least 0.5 ms (measured exactly); without
+            them, each late heartbeat's lateness (which sees, on average, half of a
+            stretch no longer than the heartbeat period). ``wait_p99`` is computed
+            from these.
     """
 
     window: float
@@ -56,6 +70,27 @@ class LoopLoad:
     utilization: float | None
     lag: float
     wait_p99: float = 0.0
+    held: tuple[float, ...] = ()
+    # Seconds the shares of wait_share() are taken over (never 0).
+    _span: float = field(default=1.0, repr=False, compare=False)
+
+    def wait_share(self, over: float, *, extra: float = 0.0) -> float:
+        """The share of the window in which an arrival would have waited over ``over``.
+
+        Args:
+            over: The wait, in seconds.
+            extra: One more held stretch (seconds) to count, as if it had happened
+                in the window: what admitting one more request as long as the
+                longest in ``held`` would do.
+
+        Returns:
+            A share (0-1; more than 1 only while the reading covers less time than
+            the stretches it holds).
+        """
+        total = sum(h - over for h in self.held if h > over)
+        if extra > over:
+            total += extra - over
+        return total / self._span
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -121,9 +156,12 @@ def load_of(watch: LoopWatch, window: float) -> LoopLoad:
     since = now - window
     lates = sorted(max(0.0, late) for at, late in list(watch.recent) if at >= since)
     first = next((at for at, _ in list(watch.recent) if at >= since), now)
+    span = max(now - max(first, since), watch.period)
+    held = [late for late in lates if late > 0.0]
     utilization: float | None = None
     stats = watch.stats
     if stats is not None and stats.timed:
+        held, span = _long_iterations(stats.long_iterations, window, span)
         active, idle = stats.totals()
         marks = list(watch.marks)
         start = next((m for m in marks if m[0] >= since), marks[0] if marks else None)
@@ -139,5 +177,21 @@ def load_of(watch: LoopWatch, window: float) -> LoopLoad:
         delay_max=lates[-1] if lates else 0.0,
         utilization=utilization,
         lag=lag_of(watch),
-        wait_p99=wait_percentile(lates, max(now - max(first, since), watch.period), 99),
+        wait_p99=wait_percentile(held, span, 99),
+        held=tuple(sorted(held, reverse=True)),
+        _span=span,
     )
+
+
+def _long_iterations(
+    kept: deque[tuple[float, float]], window: float, span: float
+) -> tuple[list[float], float]:
+    """The long iterations' work in the window, and the seconds that covers."""
+    perf_now = time.perf_counter()
+    since = perf_now - window
+    iterations = list(kept)
+    held = [work for began, work in iterations if began >= since]
+    if len(iterations) == kept.maxlen and iterations[0][0] > since:
+        # More long iterations than are kept: the reading covers what is kept.
+        span = min(span, max(perf_now - iterations[0][0], 1e-3))
+    return held, span

@@ -21,12 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LoopStats", "LoopStatsSnapshot"]
+__all__ = ["LONG_ITERATION", "LoopStats", "LoopStatsSnapshot"]
 
 _perf = time.perf_counter
+
+#: An iteration whose work takes at least this long (seconds) is kept, with the time it
+#: began, in :attr:`LoopStats.long_iterations`: what a request arriving then waited.
+LONG_ITERATION = 0.0005
+#: How many long iterations are kept (a loop busy with nothing but them fills this in
+#: about a second; readers then look back over what is kept).
+LONG_KEPT = 2048
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,9 @@ class LoopStats:
         self._totals: Any = None
         self.trio_stats: Any = None  # latest trio.lowlevel.current_statistics()
         self.timed = False
+        # (perf_counter when the work began, seconds of work) of iterations whose work
+        # took at least LONG_ITERATION; appended on the loop thread, read from any.
+        self.long_iterations: deque[tuple[float, float]] = deque(maxlen=LONG_KEPT)
 
     def start(self) -> None:
         """Start timing iterations where the loop allows it (asyncio selector loops)."""
@@ -83,6 +94,8 @@ class LoopStats:
         active = idle = longest = 0.0
         iterations = 0
         left = perf()
+        long_iterations = self.long_iterations
+        floor = LONG_ITERATION
 
         def timed_select(timeout: float | None = None) -> Any:
             nonlocal active, idle, longest, iterations, left
@@ -91,6 +104,8 @@ class LoopStats:
             active += work
             if work > longest:
                 longest = work
+            if work >= floor:
+                long_iterations.append((left, work))
             events = select(timeout)  # if it raises, the loop stops anyway
             left = perf()
             idle += left - entered

@@ -4,6 +4,8 @@ loop from several client threads, and real HTTP and WebSocket clients watching.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import threading
 import time
@@ -14,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from asgi_servers import serve
+from helpers import spin
 from loopguard_integrations.asgi import LoopguardMiddleware
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
@@ -163,3 +166,35 @@ async def test_without_a_watchdog_shedding_says_it_is_inactive(
         responses = [await _get(middleware) for _ in range(3)]
     assert [r.status_code for r in responses] == [200] * 3
     assert caplog.text.count("load shedding is inactive") == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.loopguard(enabled=False)  # runs its own watchdog and holds the loop
+async def test_a_request_that_would_push_the_p99_over_the_limit_is_shed_before_it_does() -> None:
+    app = LoopguardMiddleware(_hello, shed_delay_p99=0.002, shed_window=2.0)
+    transport = httpx.ASGITransport(app=app)
+    # A collection of the suite's heap would be one more long stretch in the window.
+    gc.collect()
+    gc.disable()
+    try:
+        with loopguard.watch(threshold=0.5, stats=True):
+            # The client first: making one takes milliseconds (an SSL context).
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                await asyncio.sleep(2.05)  # a loop as old as the window, and quiet
+                assert (await client.get("/")).status_code == 200
+                # A p99 limit of 2 ms over 2 s lets arrivals wait over 2 ms 20 ms in all
+                # (a stretch of the loop's work also holds a little of the test's own).
+                spin(0.006)  # about 5 ms of such waits; one more as long: about 10 ms
+                await asyncio.sleep(0.15)
+                assert (await client.get("/second")).status_code == 200
+                spin(0.012)  # about 16 ms; one more as long would make it 27 ms: over
+                await asyncio.sleep(0.15)
+                load = loopguard.loop_load(2.0)
+                assert load is not None and load.wait_p99 <= 0.002  # not crossed yet
+                response = await client.get("/third")
+    finally:
+        gc.enable()
+        app.close()
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"

@@ -104,3 +104,50 @@ def test_the_wait_percentile_weighs_stalls_by_their_length() -> None:
     assert wait_percentile([0.02] * 2 + [0.0] * 248, 5.0, 99) == 0.0  # 0.8 % held
     assert wait_percentile([0.1, 0.001], 5.0, 99) == pytest.approx(0.05)
     assert wait_percentile([], 5.0, 99) == 0.0
+
+
+@pytest.mark.asyncio
+async def test_with_loop_statistics_each_held_stretch_is_measured_whole() -> None:
+    # A heartbeat sees only the part of a stretch after it fell due; the iterations
+    # themselves say how long the loop was held, whatever the phase.
+    with loopguard.watch(threshold=0.5, interval=0.02, stats=True):
+        await asyncio.sleep(0.05)
+        for pause in (0.003, 0.011, 0.017, 0.007, 0.013):
+            spin(0.02)
+            await asyncio.sleep(pause)
+        load = loopguard.loop_load(5)
+    assert load is not None
+    assert len([h for h in load.held if h >= 0.02]) == 5, load.held
+    assert all(h < 0.2 for h in load.held)
+
+
+@pytest.mark.asyncio
+async def test_without_loop_statistics_held_stretches_come_from_heartbeats() -> None:
+    with loopguard.watch(threshold=0.5, interval=0.02):
+        await asyncio.sleep(0.05)
+        spin(0.1)
+        await asyncio.sleep(0.05)
+        load = loopguard.loop_load(5)
+    assert load is not None
+    assert load.held and 0.07 <= load.held[0] <= 0.1 + 0.05
+    assert load.held == tuple(sorted(load.held, reverse=True))
+
+
+def test_the_wait_share_counts_what_one_more_stretch_would_add() -> None:
+    load = loopguard.LoopLoad(
+        window=5.0,
+        heartbeats=250,
+        delay_p50=0.0,
+        delay_p99=0.0,
+        delay_max=0.02,
+        utilization=None,
+        lag=0.0,
+        held=(0.02, 0.02),
+        _span=5.0,
+    )
+    # Two 20 ms stretches in 5 s: 0.72 % of arrivals wait over 2 ms, under a p99 limit;
+    # one more would make it 1.08 %, over it.
+    assert load.wait_share(0.002) == pytest.approx(0.0072)
+    assert load.wait_share(0.002, extra=0.02) == pytest.approx(0.0108)
+    assert load.wait_share(0.002, extra=0.001) == pytest.approx(0.0072)  # under the limit
+    assert load.wait_share(0.05) == 0.0
