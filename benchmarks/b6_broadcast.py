@@ -46,6 +46,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from collections.abc import Sequence
@@ -109,6 +110,25 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
                 finally:
                     clients.discard(ws)
 
+    # How long the publish itself held the loop at a stretch (wall, and the loop
+    # thread's CPU): each slice of a loopguard fan-out, each websockets.broadcast()
+    # call. The sequential and gather variants have no such bound to measure.
+    holds: list[tuple[float, float]] = []
+
+    def timed(call: Any) -> Any:
+        def run(*a: Any, **k: Any) -> Any:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return call(*a, **k)
+            finally:
+                holds.append((time.perf_counter() - wall, time.thread_time() - cpu))
+
+        return run
+
+    slice_of = type(group)._slice
+    if variant == "loopguard":
+        type(group)._slice = timed(slice_of)  # type: ignore[method-assign]
+
     async def publish(message: str) -> None:
         if variant == "sequential":
             for ws in list(clients):
@@ -121,7 +141,7 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
         elif variant == "websockets.broadcast":
             import websockets
 
-            websockets.broadcast(list(clients), message)
+            timed(websockets.broadcast)(list(clients), message)
         else:
             await broadcast.publish("bench", message)
 
@@ -170,6 +190,7 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(0.05)
         worst = worst_cpu = 0.0
         late.clear()
+        holds.clear()
         padding = "x" * MESSAGE_BYTES
         published = 0
         stalled = False
@@ -205,6 +226,9 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
             "stalled": stalled,
             "worst_stall": worst,
             "worst_cpu": worst_cpu,
+            "hold_max": max((w for w, _ in holds), default=None),
+            "hold_cpu_max": max((c for _, c in holds), default=None),
+            "hold_p99": _pct([w for w, _ in holds], 99) if holds else None,
             "stall_p99": _pct(late, 99),
             "worst_gc": max(gc_pauses, default=0.0),
             "publish_p50": statistics.median(durations) if durations else None,
@@ -212,6 +236,9 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
             "rss_after": rss_after,
             "evicted": sum(group.evictions.values()),
         }
+        # The result first: a teardown that hangs (a send cancelled on a stuck
+        # connection) must not lose the measurement.
+        h.emit_result({}, result)
         server.close(close_connections=False)
         for ws in list(clients):
             ws.transport.abort()
@@ -275,6 +302,11 @@ async def _clients(args: argparse.Namespace) -> dict[str, Any]:
     readers = [asyncio.create_task(read(ws)) for ws in healthy]
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     await asyncio.sleep(0.2)
+    result = {
+        "healthy": len(healthy),
+        "latencies": [[round(x, 6) for x in seq] for seq in latencies],
+    }
+    h.emit_result({}, result)  # before the teardown, as the server does
     stop.set()
     for task in readers:
         task.cancel()
@@ -282,7 +314,7 @@ async def _clients(args: argparse.Namespace) -> dict[str, Any]:
         ws.transport.abort()
     for writer in stuck:
         writer.transport.abort()
-    return {"healthy": len(healthy), "latencies": [[round(x, 6) for x in seq] for seq in latencies]}
+    return result
 
 
 # -- one measurement ---------------------------------------------------------------
@@ -313,12 +345,32 @@ def _line(proc: subprocess.Popen[str], want: str) -> str:
 
 
 def _result(proc: subprocess.Popen[str]) -> dict[str, Any] | None:
-    """The child's result, or ``None`` if it printed none it could finish (a crash)."""
-    assert proc.stdout is not None
+    """The child's result, or ``None`` if it printed none (a crash, or a hang before it).
+
+    The result line is read as soon as it is printed; a child whose teardown then
+    hangs is killed after a grace period.
+    """
+    stdout = proc.stdout
+    assert stdout is not None
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in stdout:
+            if line.startswith(h.RESULT_PREFIX):
+                lines.append(line)
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(120)
     try:
-        out, _ = proc.communicate(timeout=120)
-        payload = h.parse_result(out)
-    except (subprocess.TimeoutExpired, ValueError):
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    try:
+        payload = h.parse_result(lines[0]) if lines else None
+    except ValueError:
         return None
     if payload is None:
         return None
@@ -400,6 +452,9 @@ def measure(variant: str, n: int, slow: int, publishes: int, interval: float) ->
         "every_p99": _pct(every, 99),
         "worst_stall": srv["worst_stall"],
         "worst_cpu": srv.get("worst_cpu"),
+        "hold_max": srv.get("hold_max"),
+        "hold_cpu_max": srv.get("hold_cpu_max"),
+        "hold_p99": srv.get("hold_p99"),
         "stall_p99": srv.get("stall_p99"),
         "worst_gc": srv.get("worst_gc"),
         "rss_mb": srv["rss_after"] / 2**20,
@@ -538,6 +593,8 @@ def _report(all_rows: list[dict[str, Any]], cycles: dict[str, Any]) -> h.Report:
                         ratio,
                         _fmt_ms(median_of("worst_stall", match)),
                         _fmt_ms(median_of("worst_cpu", match)),
+                        _fmt_ms(median_of("hold_max", match)),
+                        _fmt_ms(median_of("hold_cpu_max", match)),
                         _fmt_ms(median_of("stall_p99", match)),
                         _fmt_ms(median_of("worst_gc", match)),
                         f"{median_of('rss_mb', match) or 0:.0f}",
@@ -547,7 +604,8 @@ def _report(all_rows: list[dict[str, Any]], cycles: dict[str, Any]) -> h.Report:
                 )
     header = [
         "clients", "slow", "variant", "last p50 ms", "last p99 ms", "every p99 ms",
-        "p50 / broadcast()", "worst stall ms", "worst loop CPU ms", "stall p99 ms",
+        "p50 / broadcast()", "worst stall ms", "worst loop CPU ms",
+        "publish hold max ms", "its CPU max ms", "stall p99 ms",
         "worst GC ms", "RSS MB", "RSS growth MB", "evicted",
     ]  # fmt: skip
     markdown = "\n".join(
@@ -572,6 +630,7 @@ def _report(all_rows: list[dict[str, Any]], cycles: dict[str, Any]) -> h.Report:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global SIZES, VARIANTS
     parser = argparse.ArgumentParser(description=TITLE)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=1)
@@ -584,11 +643,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int)
     parser.add_argument("--slow", type=int, default=0)
     parser.add_argument("--sizes", help="comma-separated client counts (default 1000,5000)")
+    parser.add_argument("--variants", help="comma-separated variants to run (default: all)")
     parser.add_argument("--report-from", type=Path, help="print the report of saved rows")
     args = parser.parse_args(argv)
     _raise_fd_limit()
     if args.role == "server":
-        h.emit_result({}, asyncio.run(_serve(args)))
+        asyncio.run(_serve(args))  # prints its result before tearing down
         return 0
     if args.role == "clients":
         try:
@@ -597,11 +657,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             uvloop.install()
         except ImportError:
             pass
-        h.emit_result({}, asyncio.run(_clients(args)))
+        asyncio.run(_clients(args))  # likewise
         return 0
     if args.sizes:
-        global SIZES
         SIZES = tuple(int(x) for x in args.sizes.split(","))
+    if args.variants:
+        VARIANTS = tuple(v for v in VARIANTS if v in args.variants.split(","))
     if args.report_from:
         print(report_from(args.report_from).markdown)
         return 0
