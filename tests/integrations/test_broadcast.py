@@ -6,6 +6,7 @@ Memory and real Redis (a ``redis-server`` per test); no mocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -369,3 +370,69 @@ async def test_redis_restart_resumes_delivery_and_counts_the_gap(
     lost_logs = [r for r in caplog.records if "lost the Redis pub/sub connection" in r.message]
     assert len([r for r in lost_logs if r.name == "loopguard.broadcast"]) <= 2  # one per Broadcast
     assert any(redis_server.url.split("//")[1] in r.getMessage() for r in lost_logs)
+
+
+@pytest.fixture
+def two_redis_servers(tmp_path: Path) -> Iterator[list[services.RedisServer]]:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (
+        services.restartable_redis(tmp_path / "a") as one,
+        services.restartable_redis(tmp_path / "b") as two,
+    ):
+        yield [one, two]
+
+
+async def test_channels_partitioned_over_two_redis_servers_each_travel_on_their_own(
+    two_redis_servers: list[services.RedisServer],
+) -> None:
+    """The recipe in "Beyond one Redis server": one Broadcast per server in each
+    process, a channel's server chosen by a stable hash of its name. Every message
+    reaches the other process once, and each server carries only its own channels."""
+    import zlib
+
+    from loopguard_integrations.broadcast._redis import _client_options
+    from redis.asyncio import Redis
+
+    def shard(broadcasts: list[Broadcast], channel: str) -> Broadcast:
+        return broadcasts[zlib.crc32(channel.encode()) % len(broadcasts)]
+
+    channels = [f"room-{i}" for i in range(8)]
+    urls = [server.url for server in two_redis_servers]
+    carried: list[set[str]] = []
+    async with (
+        Broadcast(urls[0]) as a0,
+        Broadcast(urls[1]) as a1,
+        Broadcast(urls[0]) as b0,
+        Broadcast(urls[1]) as b1,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        worker_a, worker_b = [a0, a1], [b0, b1]
+        subscribers = [
+            await stack.enter_async_context(shard(worker_b, c).subscribe(c)) for c in channels
+        ]
+        for broadcast in worker_b:
+            wanted = {c for c in channels if shard(worker_b, c) is broadcast}
+
+            def listening(b: Broadcast = broadcast, w: set[str] = wanted) -> bool:
+                return w <= set(b._listening)
+
+            await wait_for(listening)
+        for c in channels:
+            await shard(worker_a, c).publish(c, f"hello {c}")
+        for c, sub in zip(channels, subscribers, strict=True):
+            event = await asyncio.wait_for(sub.get(), 5)
+            assert (event.channel, event.message) == (c, f"hello {c}")
+        # What each server carries: exactly the channels hashed to it.
+        for url in urls:
+            client = Redis.from_url(url, **_client_options())
+            try:
+                names = await client.pubsub_channels()
+            finally:
+                await client.aclose()
+            carried.append({n if isinstance(n, str) else n.decode() for n in names})
+        await asyncio.sleep(0.2)  # time for a duplicate to show up if there were one
+        assert all(sub.pending == 0 for sub in subscribers)
+    assert carried[0] | carried[1] == set(channels)
+    assert not carried[0] & carried[1]
+    assert carried[0] and carried[1]  # both servers took a share of the 8 channels
