@@ -108,7 +108,7 @@ def _summary_on_sigterm(wd: Watchdog) -> None:
                 helper.start()
                 helper.join(_SIGTERM_WAIT)
             except Exception:  # no thread at shutdown: die without the summary
-                pass
+                _printed.set()  # nor try it here, through the raise_signal patch
         signal.signal(signum, signal.SIG_DFL)
         signal.raise_signal(signum)
 
